@@ -1,4 +1,4 @@
-"""Reading and editing the OpenAI chat shapes: the request we validate, the texts we score."""
+"""The OpenAI chat request shape we validate before anything is scored or forwarded."""
 
 from __future__ import annotations
 
@@ -17,19 +17,26 @@ from pydantic import (
 )
 
 from gateway.errors import ClientError
+from gateway.texts import MEDIA_PARTS, TEXT_PARTS
 
 
 class ContentPart(BaseModel):
-    """A content part. Text parts are scored; image_url, input_audio, file... are forwarded as they are."""
+    """A content part: a text type from the map in `texts` (scored) or a media type (forwarded).
+    Any other type is refused: what it means to the model cannot be known, so it cannot be scored."""
 
     model_config = ConfigDict(extra="allow")
     type: StrictStr
-    text: StrictStr | None = None
 
     @model_validator(mode="after")
-    def _text_parts_have_text(self) -> "ContentPart":
-        if self.type == "text" and self.text is None:
-            raise ValueError("a part of type 'text' needs a string 'text'")
+    def _known_type(self) -> "ContentPart":
+        key = TEXT_PARTS.get(self.type)
+        if key is not None:
+            if not isinstance(getattr(self, key, None), str):
+                raise ValueError(f"a part of type '{self.type}' needs a string '{key}'")
+        elif self.type not in MEDIA_PARTS:
+            known = ", ".join(sorted([*TEXT_PARTS, *MEDIA_PARTS]))
+            raise ValueError(f"part type '{self.type}' is not one GuardGate can score or forward; "
+                             f"use one of {known}")
         return self
 
 
@@ -37,6 +44,7 @@ class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: StrictStr
     content: Union[StrictStr, list[ContentPart], None] = None
+    name: StrictStr | None = None
 
     @field_validator("content", mode="before")
     @classmethod
@@ -85,60 +93,3 @@ def parse_chat_request(data: Any) -> ChatRequest:
             detail = first["msg"].removeprefix("Value error, ")
             msg = f"Invalid value for '{param}': {detail}."
         raise ClientError(400, msg, param=param, code="invalid_value" if first["type"] != "missing" else "missing_required_parameter") from None
-
-
-def message_text(message: Message) -> str:
-    """The text of a message: its string content, or its text parts joined by newlines."""
-    if isinstance(message.content, str):
-        return message.content
-    if isinstance(message.content, list):
-        return "\n".join(p.text for p in message.content if p.type == "text" and p.text is not None)
-    return ""
-
-
-def prompt_text(request: ChatRequest) -> str:
-    """The text the prompt stage scores: the last user message (or the last message, if no user spoke)."""
-    for message in reversed(request.messages):
-        if message.role == "user":
-            return message_text(message)
-    return message_text(request.messages[-1])
-
-
-def user_turn_texts(request: ChatRequest) -> list[str]:
-    """Every user turn's text, oldest first (the prompt stage with `score_turns: all`)."""
-    return [t for t in (message_text(m) for m in request.messages if m.role == "user") if t]
-
-
-def answer_text(message: dict[str, Any]) -> str:
-    """Everything in an assistant message a reader would see: content, refusal and tool-call arguments."""
-    parts: list[str] = []
-    content = message.get("content")
-    if isinstance(content, str):
-        parts.append(content)
-    elif isinstance(content, list):  # some providers answer with content parts
-        parts.extend(p.get("text", "") for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
-    if isinstance(message.get("refusal"), str):
-        parts.append(message["refusal"])
-    calls = message.get("tool_calls") or []
-    if message.get("function_call"):
-        calls = [*calls, {"function": message["function_call"]}]
-    for call in calls:
-        fn = call.get("function") if isinstance(call, dict) else None
-        if isinstance(fn, dict):
-            parts.append(f"{fn.get('name') or ''}({fn.get('arguments') or ''})")
-    return "\n".join(p for p in parts if p)
-
-
-# Fields of a choice that carry model text and are withheld when the choice is blocked.
-TEXT_FIELDS = ("content", "refusal", "tool_calls", "function_call", "audio", "reasoning", "reasoning_content")
-
-
-def withhold_choice(choice: dict[str, Any]) -> None:
-    """Blank a blocked choice in place: no text, no tool calls, no logprobs, finish_reason content_filter."""
-    message = choice.get("message")
-    if isinstance(message, dict):
-        for field in TEXT_FIELDS:
-            message.pop(field, None)
-        message["content"] = None
-    choice["logprobs"] = None
-    choice["finish_reason"] = "content_filter"

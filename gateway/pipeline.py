@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
-from typing import Any, Sequence
+from typing import Any
 
 import httpx
 import orjson
@@ -15,18 +14,16 @@ from starlette.responses import Response, StreamingResponse
 from gateway import stream_modes
 from gateway.cache import VerdictCache
 from gateway.errors import ClientError, error_response, from_client_error
-from gateway.exchange import Exchange, GuardUnavailable, bearer_token
-from gateway.guard.base import Guard, GuardError, GuardInput, Stage
-from gateway.openai_shapes import answer_text, parse_chat_request, prompt_text, user_turn_texts, withhold_choice
-from gateway.policy.decide import Decision, decide
+from gateway.guard.base import Guard, GuardInput
+from gateway.moderation import GuardUnavailable, Moderator, Report
+from gateway.openai_shapes import parse_chat_request
 from gateway.policy.schema import Policy
 from gateway.policy.store import PolicyStore
 from gateway.streaming import StreamProtocolError
+from gateway.texts import BadShape, choice_answer, request_texts, withhold_choice
 from gateway.upstream import Upstream, UpstreamFailure, response_headers
 
 log = logging.getLogger("guardgate")
-
-_OUTCOME_RANK = {"allow": 0, "flag": 1, "block": 2}
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -52,12 +49,19 @@ def check_json_content_type(request: Request) -> None:
                           code="unsupported_media_type")
 
 
+def bearer_token(request: Request) -> str | None:
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
 class Gateway:
-    """Holds the long-lived parts (guard, upstream, policies) and runs the path for each request."""
+    """Holds the long-lived parts (moderator, upstream, policies) and runs the path for each request."""
 
     def __init__(self, guard: Guard, cache: VerdictCache, upstream: Upstream, policies: PolicyStore,
                  max_body_bytes: int) -> None:
         self.guard, self.cache, self.upstream, self.policies = guard, cache, upstream, policies
+        self.moderator = Moderator(guard, cache)
         self.max_body_bytes = max_body_bytes
         self._background: set[asyncio.Task] = set()  # audit scoring that outlives its request
 
@@ -71,56 +75,14 @@ class Gateway:
                               code="invalid_api_key")
         return policy
 
-    # ----- the guard step, shared by both stages -----
-
-    async def _judge(self, ex: Exchange, stage: Stage, inputs: Sequence[GuardInput],
-                     labels: Sequence[int | None]) -> list[Decision] | None:
-        """Score and decide. None when the guard failed and the policy fails open."""
-        started = time.perf_counter()
-        try:
-            scored = await self.cache.score(self.guard, inputs, bypass=ex.policy.bypass_cache)
-        except GuardError as e:
-            log.warning("guard error", extra={"fields": {
-                "event": "guard_error", "request_id": ex.request_id, "tenant": ex.tenant, "stage": stage,
-                "kind": e.kind, "detail": e.detail, "on_guard_error": ex.policy.on_guard_error}})
-            if ex.policy.on_guard_error == "closed":
-                raise GuardUnavailable(stage, e) from None
-            ex.headers[f"x-guard-{stage}-decision"] = "unscored"
-            ex.headers["x-guard-error"] = f"{stage}:{e.kind}"
-            return None
-        guard_ms = round((time.perf_counter() - started) * 1000, 2)
-        decisions = [decide(s.verdict, ex.policy, stage) for s in scored]
-        for label, d, s in zip(labels, decisions, scored):
-            log.info("decision", extra={"fields": {
-                "event": "decision", "request_id": ex.request_id, "tenant": ex.tenant, "stage": stage,
-                "choice": label, "risk": d.risk, "categories": list(d.categories), "threshold": d.threshold,
-                "outcome": d.outcome, "reason": d.reason, "verdict_from": s.source, "guard_ms": guard_ms}})
-        self._report(ex, stage, decisions, [s.source for s in scored])
-        return decisions
-
-    @staticmethod
-    def _report(ex: Exchange, stage: Stage, decisions: list[Decision], sources: list[str]) -> None:
-        """Verdict headers. A shadow stage reports nothing: the client must not see it."""
-        visible = [d for d in decisions if d.outcome != "shadow"]
-        if not visible:
-            return
-        categories = sorted({c for d in visible for c in d.categories if c != "SAFE"}) or ["SAFE"]
-        worst = max(visible, key=lambda d: (_OUTCOME_RANK[d.outcome], d.risk))
-        h = ex.headers
-        h[f"x-guard-{stage}-risk"] = str(max(d.risk for d in visible))
-        h[f"x-guard-{stage}-categories"] = ",".join(categories)
-        h[f"x-guard-{stage}-decision"] = worst.outcome
-        h[f"x-guard-{stage}-threshold"] = str(worst.threshold)
-        # Where each verdict came from: local, redis, guard, coalesced or bypass (one per text scored).
-        h[f"x-guard-{stage}-verdict-from"] = ",".join(sources)
-
     # ----- endpoints -----
 
     async def chat_completions(self, request: Request) -> Response:
         try:
-            ex = Exchange(policy=self.authenticate(request))
+            report = Report(policy=self.authenticate(request))
         except ClientError as e:
             return from_client_error(e)
+        policy = report.policy
         try:
             check_json_content_type(request)
             body = await read_body(request, self.max_body_bytes)
@@ -130,73 +92,71 @@ class Gateway:
                 raise ClientError(400, "We could not parse the JSON body of your request. "
                                        "Send a JSON object with 'model' and 'messages'.") from None
             chat = parse_chat_request(data)
-            user_text = prompt_text(chat)
+            texts = request_texts(data, policy.prompt.scope)
+            report.media = texts.media
 
-            if ex.policy.prompt.check:
-                # The last user turn, or every user turn (a harmful request split across turns).
-                turns = user_turn_texts(chat) if ex.policy.score_turns == "all" else []
-                turns = turns or [user_text]
-                decisions = await self._judge(ex, "prompt", [GuardInput("prompt", t) for t in turns],
-                                              [None] * len(turns) if len(turns) == 1 else list(range(len(turns))))
+            if not policy.prompt.check:
+                report.skip("prompt")
+            elif texts.inputs:
+                decisions = await self.moderator.judge(report, "prompt", texts.inputs, texts.labels)
                 if decisions and any(d.outcome == "block" for d in decisions):
-                    return error_response(400, ex.policy.block_message, code="content_filter", param="messages",
-                                          headers=ex.headers)
-            else:
-                ex.headers["x-guard-prompt-decision"] = "skipped"
+                    return error_response(400, policy.block_message, code="content_filter", param="messages",
+                                          headers=report.headers())
 
             if chat.stream:
-                return await self._stream(ex, body, user_text, chat.n or 1)
+                options = data.get("stream_options")
+                keep_usage = isinstance(options, dict) and options.get("include_usage") is True
+                return await self._stream(report, body, texts.context, chat.n or 1, keep_usage)
             resp = await self.upstream.send("POST", "/chat/completions", body)
-            return await self._moderate_completion(ex, resp.status_code, resp.content,
-                                                   response_headers(resp), user_text)
+            return await self._moderate_completion(report, resp.status_code, resp.content,
+                                                   response_headers(resp), texts.context)
         except ClientError as e:
-            return from_client_error(e, ex.headers)
+            return from_client_error(e, report.headers())
         except GuardUnavailable as e:
             return error_response(503, f"The guard model is unavailable ({e.error.kind}); the request was not "
                                        "completed because this policy fails closed.",
-                                  type="guard_error", code="guard_unavailable", headers=ex.headers)
+                                  type="guard_error", code="guard_unavailable", headers=report.headers())
 
-    async def _moderate_completion(self, ex: Exchange, status: int, content: bytes,
-                                   headers: dict[str, str], user_text: str) -> Response:
+    async def _moderate_completion(self, report: Report, status: int, content: bytes,
+                                   headers: dict[str, str], context: str) -> Response:
         """A whole chat.completion: score each choice, withhold the blocked ones."""
         if status != 200:
-            return Response(content, status_code=status, headers={**headers, **ex.headers})
+            return Response(content, status_code=status, headers={**headers, **report.headers()})
         try:
             doc = orjson.loads(content)
             choices = doc["choices"]
-            assert isinstance(choices, list)
-        except (orjson.JSONDecodeError, KeyError, TypeError, AssertionError):
+            if not isinstance(choices, list):
+                raise BadShape("choices is not a list")
+            answers = [choice_answer(c, i) for i, c in enumerate(choices)]
+        except (orjson.JSONDecodeError, KeyError, TypeError, BadShape):
             raise UpstreamFailure(502, "The upstream answered with a body that is not a chat completion; "
                                        "it was withheld because it cannot be scored.",
                                   type="upstream_error", code="upstream_bad_response") from None
-        texts = {c.get("index", i): answer_text(c.get("message") or {}) for i, c in enumerate(choices)}
-        blocked = await self._judge_answers(ex, user_text, texts)
+        # Scored by position, not by `index`: two choices claiming one index are still scored apart.
+        blocked = await self._judge_answers(report, context, {pos: text for pos, (_, text) in enumerate(answers)})
         if blocked:
-            for i, choice in enumerate(choices):
-                if choice.get("index", i) in blocked:
-                    withhold_choice(choice)
+            for pos in blocked:
+                withhold_choice(choices[pos])
+                report.blocked_choices.add(answers[pos][0])
             content = orjson.dumps(doc)
-        return Response(content, status_code=200, headers={**headers, **ex.headers})
+        return Response(content, status_code=200, headers={**headers, **report.headers()})
 
-    async def _judge_answers(self, ex: Exchange, user_text: str, texts: dict[int, str]) -> set[int]:
-        """Score each choice's answer with the prompt; the indexes of the choices to withhold."""
-        scored = {i: t for i, t in texts.items() if t}
-        if not ex.policy.response.check:
-            ex.headers["x-guard-response-decision"] = "skipped"
+    async def _judge_answers(self, report: Report, context: str, answers: dict[int, str]) -> set[int]:
+        """Score each answer with the user turn it answers; the keys of the answers to withhold."""
+        if not report.policy.response.check:
+            report.skip("response")
             return set()
+        scored = {k: t for k, t in answers.items() if t}
         if not scored:
             return set()
-        indexes = list(scored)
-        inputs = [GuardInput("response", user_text, scored[i]) for i in indexes]
-        decisions = await self._judge(ex, "response", inputs, indexes)
+        keys = list(scored)
+        decisions = await self.moderator.judge(report, "response",
+                                               [GuardInput("response", context, scored[k]) for k in keys], keys)
         if decisions is None:
             return set()
-        blocked = {i for i, d in zip(indexes, decisions) if d.outcome == "block"}
-        if blocked:
-            ex.headers["x-guard-response-blocked-choices"] = ",".join(map(str, sorted(blocked)))
-        return blocked
+        return {k for k, d in zip(keys, decisions) if d.outcome == "block"}
 
-    async def _stream(self, ex: Exchange, body: bytes, user_text: str, choices: int) -> Response:
+    async def _stream(self, report: Report, body: bytes, context: str, choices: int, keep_usage: bool) -> Response:
         """A streamed answer, released as the tenant's `response.stream` mode says."""
         resp = await self.upstream.send("POST", "/chat/completions", body, stream=True)
         upstream_headers = response_headers(resp)
@@ -206,28 +166,32 @@ class Gateway:
                 content = await resp.aread()
             finally:
                 await resp.aclose()
-            return await self._moderate_completion(ex, resp.status_code, content, upstream_headers, user_text)
-        headers = {**upstream_headers, **ex.headers}
-        settings = ex.policy.response
+            return await self._moderate_completion(report, resp.status_code, content, upstream_headers, context)
+        settings = report.policy.response
         mode = settings.stream if settings.check else "unchecked"
-        headers["x-guard-stream-mode"] = mode
+        if mode == "unchecked":
+            report.skip("response")
         if mode == "buffered":
+            async def blocked_of(answers: dict[int, str]) -> set[int]:
+                blocked = await self._judge_answers(report, context, answers)
+                report.blocked_choices |= blocked
+                return blocked
             try:
-                content = await stream_modes.buffered(resp, lambda texts: self._judge_answers(ex, user_text, texts))
+                content = await stream_modes.buffered(resp, blocked_of)
             except (httpx.HTTPError, StreamProtocolError) as e:
                 raise stream_modes.upstream_stream_failure(e) from None
             finally:
                 await resp.aclose()
             return Response(content, status_code=200, media_type="text/event-stream",
-                            headers={**headers, **ex.headers})
+                            headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})
         if mode == "windowed":
-            events = stream_modes.windowed(self._judge, ex, resp, user_text, choices)
+            events = stream_modes.windowed(self.moderator, report, resp, context, choices, keep_usage)
         elif mode == "audit":
-            events = stream_modes.audit(self._judge, ex, resp, user_text, self._background)
+            events = stream_modes.audit(self.moderator, report, resp, context, self._background)
         else:
-            headers["x-guard-response-decision"] = "skipped"
             events = stream_modes.passthrough(resp)
-        return StreamingResponse(events, status_code=200, media_type="text/event-stream", headers=headers)
+        return StreamingResponse(events, status_code=200, media_type="text/event-stream",
+                                 headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})
 
     async def models(self, request: Request) -> Response:
         try:

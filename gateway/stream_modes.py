@@ -1,29 +1,27 @@
 """How a streamed answer reaches the client: windowed (default), buffered, or audit.
 
 Each takes the upstream's open event stream and yields the bytes the client may have. Scoring goes through
-`judge` (the gateway's one guard step), so verdicts, logs and the cache are the same as everywhere else.
+the `Moderator` (the gateway's one moderation step), so verdicts, logs and the cache are the same as
+everywhere else.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from typing import AsyncIterator, Awaitable, Callable, Sequence
+from typing import AsyncIterator, Awaitable, Callable
 
 import anyio
 import httpx
 import orjson
 
 from gateway.errors import ClientError
-from gateway.exchange import Exchange, GuardUnavailable
-from gateway.guard.base import GuardInput, Stage
-from gateway.policy.decide import Decision
+from gateway.guard.base import GuardInput
+from gateway.moderation import GuardUnavailable, Moderator, Report
 from gateway.streaming import ChoiceTexts, HoldBack, SSEEvent, SSEParser, StreamProtocolError, withhold_choices
 from gateway.upstream import UpstreamFailure
 
 log = logging.getLogger("guardgate")
-
-Judge = Callable[[Exchange, Stage, Sequence[GuardInput], Sequence[int | None]], Awaitable[list[Decision] | None]]
 
 
 async def close_upstream(resp: httpx.Response) -> None:
@@ -67,15 +65,15 @@ def failure_event(e: ClientError) -> bytes:
     return error_event(e.message, e.type, e.code or "")
 
 
-async def windowed(judge: Judge, ex: Exchange, resp: httpx.Response, user_text: str,
-                   choices: int) -> AsyncIterator[bytes]:
+async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, context: str,
+                   choices: int, keep_usage: bool = False) -> AsyncIterator[bytes]:
     """Release text only once the answer so far has been scored as allowed.
 
     A check scores the whole answer so far (with the prompt, the card's response template) every
     `window` characters and at the end; at most one check per choice is in flight, and reading the
     upstream goes on meanwhile, so the client lags by at most about one window plus one guard call.
     """
-    window = ex.policy.response.window
+    window = report.policy.response.window
     hold = HoldBack()
     changed = asyncio.Event()
     checked: dict[int, int] = {}  # choice → size of the answer its last check covered
@@ -96,9 +94,10 @@ async def windowed(judge: Judge, ex: Exchange, resp: httpx.Response, user_text: 
 
     async def check(index: int, size: int, text: str) -> None:
         try:
-            decisions = await judge(ex, "response", [GuardInput("response", user_text, text)], [index])
+            decisions = await moderator.judge(report, "response", [GuardInput("response", context, text)], [index])
             if decisions is not None and decisions[0].outcome == "block":
                 hold.block(index)
+                report.blocked_choices.add(index)
             else:  # allowed, flagged, shadowed, or fail-open: released
                 hold.approve(index, size)
         except GuardUnavailable as e:
@@ -128,12 +127,13 @@ async def windowed(judge: Judge, ex: Exchange, resp: httpx.Response, user_text: 
             if failures:
                 yield failures[0]
                 return
-            if not reader.done() and set(range(choices)) <= hold.blocked:
-                # Every choice is cut: stop generating (and paying for) the rest upstream.
+            if not keep_usage and not reader.done() and set(range(choices)) <= hold.blocked:
+                # Every choice is cut: stop generating (and paying for) the rest upstream. Wait for the
+                # reader to end (its `finally` ends the hold): cancelling alone does not, and this branch
+                # must never run twice without the event loop turning.
                 reader.cancel()
+                await asyncio.wait([reader])
                 await close_upstream(resp)
-                hold.end()
-                continue
             if reader.done() and not inflight and not _schedulable(hold, checked):
                 break  # every choice settled, or nothing left that a check could release
             await changed.wait()
@@ -167,9 +167,10 @@ async def buffered(resp: httpx.Response, blocked_of: Callable[[dict[int, str]], 
     return b"".join(e.raw for e in events)
 
 
-async def audit(judge: Judge, ex: Exchange, resp: httpx.Response, user_text: str,
+async def audit(moderator: Moderator, report: Report, resp: httpx.Response, context: str,
                 background: set[asyncio.Task]) -> AsyncIterator[bytes]:
-    """Stream at once; score each choice's whole answer afterwards, in the background: logged, never enforced."""
+    """Stream at once; score each choice's whole answer afterwards, in the background: decided and logged
+    (`enforced: false`), never enforced."""
     texts = ChoiceTexts()
     parser = SSEParser()
     try:
@@ -186,15 +187,10 @@ async def audit(judge: Judge, ex: Exchange, resp: httpx.Response, user_text: str
         await close_upstream(resp)
     answers = {i: t for i, t in texts.texts().items() if t}
     if answers:
-        # After the client has everything: a flagged answer can only be reported, so `block` logs as `flag`.
-        policy = ex.policy
-        if policy.response.action == "block":
-            policy = policy.model_copy(update={"response": policy.response.model_copy(update={"action": "flag"})})
-        audit_ex = Exchange(policy=policy, request_id=ex.request_id)
         indexes = list(answers)
-        task = asyncio.create_task(_quietly(judge(audit_ex, "response",
-                                                  [GuardInput("response", user_text, answers[i]) for i in indexes],
-                                                  indexes)))
+        task = asyncio.create_task(_quietly(moderator.judge(
+            report, "response", [GuardInput("response", context, answers[i]) for i in indexes], indexes,
+            enforce=False)))
         background.add(task)
         task.add_done_callback(background.discard)
 

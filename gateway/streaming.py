@@ -10,7 +10,7 @@ from typing import Any, Iterable, Iterator
 
 import orjson
 
-from gateway.openai_shapes import answer_text
+from gateway.texts import ANSWER_METADATA, BadShape, answer_text, strings
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\n|\r")
@@ -72,53 +72,135 @@ class SSEParser:
         return [_parse_event(rest + b"\n\n")] if rest.strip() else []
 
 
+_DELTA_STRINGS = ("reasoning_content", "reasoning", "refusal")
+
+
 @dataclass(slots=True)
 class _ChoiceText:
-    content: list[str] = field(default_factory=list)
-    refusal: list[str] = field(default_factory=list)
+    """One choice's answer so far, field by field, as the deltas built it."""
+
+    fields: dict[str, list[str]] = field(default_factory=dict)  # reasoning, content, refusal, transcript, extras
     tool_calls: dict[int, dict[str, list[str]]] = field(default_factory=dict)
+    function_call: dict[str, list[str]] = field(default_factory=dict)
     size: int = 0  # characters received so far, all fields together: what windows are measured in
     finished: bool = False
 
+    def append(self, name: str, text: str) -> None:
+        if text:
+            self.fields.setdefault(name, []).append(text)
+            self.size += len(text)
+
+    def append_call(self, slot: dict[str, list[str]], fn: Any, where: str) -> None:
+        if not isinstance(fn, dict):
+            raise StreamProtocolError(f"upstream sent a {where} that is not an object")
+        for name in ("name", "arguments"):
+            value = fn.get(name)
+            if value is not None and not isinstance(value, str):
+                raise StreamProtocolError(f"upstream sent a {where}.{name} that is not a string")
+            if value:
+                slot.setdefault(name, []).append(value)
+                self.size += len(value)
+
     def as_message(self) -> dict[str, Any]:
-        calls = [
-            {"function": {"name": "".join(c["name"]), "arguments": "".join(c["arguments"])}}
-            for _, c in sorted(self.tool_calls.items())
-        ]
-        return {"content": "".join(self.content), "refusal": "".join(self.refusal) or None, "tool_calls": calls}
+        """The answer so far as a whole message: `answer_text` of it is what a non-streamed answer gives."""
+        def joined(parts: dict[str, list[str]], name: str) -> str:
+            return "".join(parts.get(name, ()))
+        message: dict[str, Any] = {name: "".join(parts) for name, parts in self.fields.items()}
+        if "transcript" in message:
+            message["audio"] = {"transcript": message.pop("transcript")}
+        message["tool_calls"] = [{"function": {"name": joined(c, "name"), "arguments": joined(c, "arguments")}}
+                                 for _, c in sorted(self.tool_calls.items())]
+        if self.function_call:
+            message["function_call"] = {"name": joined(self.function_call, "name"),
+                                        "arguments": joined(self.function_call, "arguments")}
+        return message
+
+
+def _int(value: Any, default: int, where: str) -> int:
+    if value is None:
+        return default
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise StreamProtocolError(f"upstream sent a {where} that is not a non-negative integer")
+    return value
+
+
+def _add_delta(acc: _ChoiceText, delta: Any) -> None:
+    """Every text of one delta, by the map in `texts`; a known field of the wrong shape is unreadable."""
+    if not isinstance(delta, dict):
+        raise StreamProtocolError("upstream sent a choice delta that is not an object")
+    for key, value in delta.items():
+        if value is None or key in ANSWER_METADATA:
+            continue
+        if key in _DELTA_STRINGS:
+            if not isinstance(value, str):
+                raise StreamProtocolError(f"upstream sent a delta.{key} that is not a string")
+            acc.append(key, value)
+        elif key == "content":
+            if isinstance(value, str):
+                acc.append("content", value)
+            elif isinstance(value, list):  # content parts, as some providers stream them
+                acc.append("content", answer_text({"content": value}))
+            else:
+                raise StreamProtocolError("upstream sent a delta.content that is neither a string nor a list")
+        elif key == "audio":
+            if not isinstance(value, dict) or not isinstance(value.get("transcript") or "", str):
+                raise StreamProtocolError("upstream sent a delta.audio that is not an object")
+            acc.append("transcript", value.get("transcript") or "")
+        elif key == "tool_calls":
+            if not isinstance(value, list):
+                raise StreamProtocolError("upstream sent a delta.tool_calls that is not a list")
+            for call in value:
+                if not isinstance(call, dict):
+                    raise StreamProtocolError("upstream sent a tool call delta that is not an object")
+                slot = acc.tool_calls.setdefault(_int(call.get("index"), 0, "tool call index"), {})
+                if call.get("function") is not None:
+                    acc.append_call(slot, call["function"], "tool call function")
+                for k, v in call.items():
+                    if k not in ("index", "id", "type", "function"):
+                        acc.append(k, "".join(strings(v)))
+        elif key == "function_call":
+            acc.append_call(acc.function_call, value, "delta.function_call")
+        else:  # not in the map: scored as text all the same
+            acc.append(key, "".join(strings(value)))
 
 
 class ChoiceTexts:
-    """Accumulates what each choice of a stream has said so far (content, refusal, tool-call deltas)."""
+    """Accumulates what each choice of a stream has said so far, by the answer map in `texts`."""
 
     def __init__(self) -> None:
         self._choices: dict[int, _ChoiceText] = {}
 
     def add(self, event: SSEEvent) -> dict[int, tuple[int, bool]]:
-        """Take one event; for each choice it carries: (that choice's size after it, whether it finished it)."""
+        """Take one event; for each choice it carries: (that choice's size after it, whether it finished it).
+        Raises StreamProtocolError for a chunk whose shape cannot be read (so its text cannot be scored)."""
         chunk = event.json
         touched: dict[int, tuple[int, bool]] = {}
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+        if event.data is None or event.is_done:
             return touched
-        for choice in chunk["choices"]:
+        if not isinstance(chunk, dict):
+            raise StreamProtocolError("upstream sent a stream event that is not a JSON object")
+        choices = chunk.get("choices")
+        if choices is None:
+            return touched
+        if not isinstance(choices, list):
+            raise StreamProtocolError("upstream sent 'choices' that is not a list")
+        for choice in choices:
             if not isinstance(choice, dict):
-                continue
-            acc = self._choices.setdefault(choice.get("index", 0), _ChoiceText())
-            delta = choice.get("delta") or {}
-            for name, parts in (("content", acc.content), ("refusal", acc.refusal)):
-                if isinstance(delta.get(name), str) and delta[name]:
-                    parts.append(delta[name])
-                    acc.size += len(delta[name])
-            for call in delta.get("tool_calls") or []:
-                fn = call.get("function") or {}
-                slot = acc.tool_calls.setdefault(call.get("index", 0), {"name": [], "arguments": []})
-                for name in ("name", "arguments"):
-                    if isinstance(fn.get(name), str) and fn[name]:
-                        slot[name].append(fn[name])
-                        acc.size += len(fn[name])
+                raise StreamProtocolError("upstream sent a choice that is not an object")
+            index = _int(choice.get("index"), 0, "choice index")
+            acc = self._choices.setdefault(index, _ChoiceText())
+            if choice.get("delta") is not None:
+                _add_delta(acc, choice["delta"])
+            if choice.get("message") is not None:  # some servers repeat the whole message in a chunk
+                if not isinstance(choice["message"], dict):
+                    raise StreamProtocolError("upstream sent a choice message that is not an object")
+                try:
+                    acc.append("message", answer_text(choice["message"]))
+                except BadShape as e:
+                    raise StreamProtocolError(f"upstream sent an unreadable choice message ({e})") from None
             if choice.get("finish_reason") is not None:
                 acc.finished = True
-            touched[choice.get("index", 0)] = (acc.size, acc.finished)
+            touched[index] = (acc.size, acc.finished)
         return touched
 
     def indexes(self) -> list[int]:

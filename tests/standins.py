@@ -167,6 +167,10 @@ class UpstreamBehaviour:
     chunk_chars: int = 4
     chunk_delay_s: float = 0.0  # between content chunks, as a model generating tokens
     break_after_chunks: int | None = None  # drop the connection mid-stream
+    message: dict | None = None  # answer with this whole assistant message (not streamed)
+    deltas: list[Any] | None = None  # stream these deltas for choice 0, one chunk each, then a stop finish
+    raw_body: Any = None  # answer with this JSON body as it is (not streamed)
+    raw_chunks: list[Any] | None = None  # stream these chunk objects as they are, then [DONE]
     requests: list[dict] = field(default_factory=list)  # {"body": bytes, "headers": dict}
     streams: list[dict] = field(default_factory=list)  # per stream: {"chunks": sent, "completed": bool}
 
@@ -179,6 +183,7 @@ class UpstreamBehaviour:
         self.chunk_chars = 4
         self.chunk_delay_s = 0.0
         self.break_after_chunks = None
+        self.message = self.deltas = self.raw_body = self.raw_chunks = None
         self.requests.clear()
         self.streams.clear()
 
@@ -203,6 +208,12 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
         body = orjson.loads(raw)
         texts = b.texts(body)
         created, model = int(time.time()), body.get("model", "stand-in")
+        if b.raw_body is not None and not body.get("stream"):
+            return JSONResponse(b.raw_body)
+        if b.message is not None and not body.get("stream"):
+            return JSONResponse({"id": "chatcmpl-up", "object": "chat.completion", "created": created,
+                                 "model": model, "choices": [{"index": 0, "message": b.message,
+                                                              "logprobs": None, "finish_reason": "stop"}]})
         if not body.get("stream"):
             choices = []
             for i, text in enumerate(texts):
@@ -244,10 +255,25 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
                                                  "created": created, "model": model,
                                                  "system_fingerprint": "fp_standin", "choices": choices,
                                                  **extra}) + b"\n\n"
+            if b.raw_chunks is not None:
+                for raw_chunk in b.raw_chunks:
+                    yield b"data: " + orjson.dumps(raw_chunk) + b"\n\n"
+                    await asyncio.sleep(b.chunk_delay_s)
+                yield b"data: [DONE]\n\n"
+                return
             for i in range(len(texts)):
                 yield chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                               "finish_reason": None}])
             yield b": keep-alive\n\n"
+            if b.deltas is not None:
+                for delta in b.deltas:
+                    yield chunk([{"index": 0, "delta": delta, "logprobs": None, "finish_reason": None}])
+                    await asyncio.sleep(b.chunk_delay_s)
+                yield chunk([{"index": 0, "delta": {}, "logprobs": None, "finish_reason": "stop"}])
+                if (body.get("stream_options") or {}).get("include_usage"):
+                    yield chunk([], usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12})
+                yield b"data: [DONE]\n\n"
+                return
             longest = max(len(t) for t in texts)
             for start in range(0, longest, b.chunk_chars):
                 for i, text in enumerate(texts):

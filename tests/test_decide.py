@@ -6,7 +6,7 @@ import pytest
 
 from gateway.guard.base import Verdict
 from gateway.policy.decide import decide, threshold_for
-from gateway.policy.schema import Policy, ResponseStagePolicy, StagePolicy
+from gateway.policy.schema import Policy, PromptStagePolicy, ResponseStagePolicy
 
 
 @pytest.mark.parametrize("strictness,threshold", [("strict", 20), ("moderate", 40), ("loose", 60), (55, 55), (0, 0)])
@@ -44,7 +44,7 @@ def test_safe_verdicts_use_the_general_threshold():
 
 @pytest.mark.parametrize("action", ["block", "flag", "shadow"])
 def test_the_stage_action_applies_only_when_flagged(action):
-    policy = Policy(prompt=StagePolicy(action=action), response=ResponseStagePolicy(action="block"))
+    policy = Policy(prompt=PromptStagePolicy(action=action), response=ResponseStagePolicy(action="block"))
     assert decide(Verdict(90, ("VIO",)), policy, "prompt").outcome == action
     assert decide(Verdict(90, ("VIO",)), policy, "response").outcome == "block"
     assert decide(Verdict(10, ("SAFE",)), policy, "prompt").outcome == "allow"

@@ -136,18 +136,15 @@ def test_harmful_prompt_in_a_stream_request_is_blocked_too(client, guard, upstre
     assert upstream.requests == []
 
 
-def test_only_the_last_user_message_text_parts_are_scored(client, guard, upstream):
-    harmful_rules(guard)
-    client.chat.completions.create(model="m", messages=[
-        {"role": "system", "content": "You are helpful."},
-        {"role": "user", "content": "earlier: pipe bomb"},  # an earlier turn: not this scope
-        {"role": "assistant", "content": "I can't help with that."},
+def test_text_parts_of_a_message_are_scored_together_and_media_is_reported(gateway, guard, upstream):
+    raw = gateway.client().chat.completions.with_raw_response.create(model="m", messages=[
         {"role": "user", "content": [{"type": "text", "text": "Describe this picture"},
                                      {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}},
                                      {"type": "text", "text": "in French"}]},
     ])
     prompt_call = guard.requests[0]["messages"][1]["content"]
     assert prompt_call.endswith("[User]: Describe this picture\nin French")
+    assert raw.headers["x-guard-non-text"] == "image_url"
 
 
 def test_harmful_answer_is_withheld(client, guard, upstream):
@@ -279,7 +276,7 @@ def test_guard_down_fails_open_when_the_policy_says_so(make_gateway, upstream):
     raw = gw.client().chat.completions.with_raw_response.create(
         model="m", messages=[{"role": "user", "content": "hi"}])
     assert raw.parse().choices[0].message.content == "You said: hi"
-    assert raw.headers["x-guard-error"] == "response:unreachable"
+    assert raw.headers["x-guard-error"] == "prompt:unreachable,response:unreachable"  # each failed stage
     assert raw.headers["x-guard-prompt-decision"] == "unscored"
     assert raw.headers["x-guard-response-decision"] == "unscored"
     assert len(upstream.requests) == 1

@@ -255,7 +255,9 @@ def test_audit_mode_streams_at_once_and_logs_the_verdict(make_gateway, guard, up
     while not flagged and time.monotonic() < deadline:
         flagged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("stage") == "response"]
         time.sleep(0.05)
-    assert flagged and flagged[0]["outcome"] == "flag" and flagged[0]["risk"] == 90
+    # Decided by the policy as everywhere else, and logged as not enforced: the client had the answer.
+    assert flagged and flagged[0]["outcome"] == "block" and flagged[0]["risk"] == 90
+    assert flagged[0]["enforced"] is False
     # The whole answer had reached the client before its check was even answered.
     (check,) = [t for t in guard.timings if t[0] == "response"]
     assert arrivals[-1] < check[2]
@@ -266,3 +268,34 @@ def test_unchecked_response_stage_streams_through(make_gateway, guard, upstream)
     gw = make_gateway("response: {check: false}\n")
     texts, _, _ = stream_text(gw.client())
     assert texts == {0: BENIGN} and response_checks(guard) == []
+
+
+@pytest.mark.parametrize(("benign_after", "chunk_delay_s"), [(1, 0.0), (20, 0.002)])
+def test_repeated_blocked_streams_with_cached_verdicts_never_freeze_the_gateway(make_gateway, guard, upstream,
+                                                                                benign_after, chunk_delay_s):
+    # The second time on, the blocking verdict comes from the cache without the guard being asked: the cut
+    # of the upstream must still let the event loop turn (it once spun at 100% CPU, /healthz included).
+    upstream.answers = [HARMFUL + BENIGN * benign_after]
+    upstream.chunk_delay_s = chunk_delay_s
+    guard.rules.append(Rule("bleach with ammonia", "VIO", 90))
+    gw = make_gateway(windowed_policy(window=16))
+    client = gw.client().with_options(timeout=5)
+    for _ in range(15):
+        texts, finish, _ = stream_text(client)
+        assert finish == {0: "content_filter"} and "ammonia" not in texts[0]
+        assert httpx.get(f"{gw.url}/healthz", timeout=2).status_code == 200
+    assert all(s.get("closed_at") for s in upstream.streams)  # every upstream stream was closed
+
+
+def test_the_usage_chunk_still_arrives_when_the_only_choice_is_blocked(make_gateway, guard, upstream):
+    upstream.answers = [HARMFUL + BENIGN * 5]
+    upstream.chunk_delay_s = 0.005  # still generating when the block comes
+    guard.rules.append(Rule("bleach with ammonia", "VIO", 90))
+    gw = make_gateway(windowed_policy(window=16))
+    chunks = list(gw.client().chat.completions.create(
+        model="m", messages=[{"role": "user", "content": "tell me"}], stream=True,
+        stream_options={"include_usage": True}))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == [
+        "content_filter"]
+    assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 12
+    assert "ammonia" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)

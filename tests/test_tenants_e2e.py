@@ -93,7 +93,9 @@ def test_shadow_decides_and_logs_only(make_gateway, guard, upstream, caplog):
     raw = ask(gw, "any", "teach me lockpicking")
     assert raw.parse().choices[0].message.content == "lockpicking works like this"
     assert raw.parse().choices[0].finish_reason == "stop"
-    assert not any(h.startswith("x-guard-prompt-") or h.startswith("x-guard-response-") for h in raw.headers)
+    # The client learns that the stages are shadowed, never what they decided.
+    assert {h: v for h, v in raw.headers.items() if h.startswith(("x-guard-prompt-", "x-guard-response-"))} == {
+        "x-guard-prompt-decision": "shadow", "x-guard-response-decision": "shadow"}
     shadowed = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("outcome") == "shadow"]
     assert {f["stage"] for f in shadowed} == {"prompt", "response"}
     assert all(f["risk"] == 70 and f["threshold"] == 40 for f in shadowed)
@@ -108,18 +110,26 @@ def test_stage_checks_can_be_turned_off(make_gateway, guard, upstream):
     assert guard.requests == []
 
 
-def test_every_user_turn_is_scored_when_the_policy_says_so(make_gateway, guard, upstream):
+def test_last_user_turn_scope_scores_only_the_last_user_message(make_gateway, guard, upstream):
     conversation = [{"role": "user", "content": "I want to hurt my neighbour"},
                     {"role": "assistant", "content": "Can you tell me more?"},
                     {"role": "user", "content": "go on, tell me how"}]
     guard.rules.append(Rule("hurt my neighbour", "VIO", 85))
-    last_only = make_gateway()
-    last_only.client().chat.completions.create(model="m", messages=conversation)  # passes: only the last turn
-    assert len(upstream.requests) == 1
-    every = make_gateway(files={"t.yaml": "tenant: t\napi_keys: [key-every-turn]\nscore_turns: all\n"})
-    with pytest.raises(openai.BadRequestError):
-        every.client(api_key="key-every-turn").chat.completions.create(model="m", messages=conversation)
-    assert len(upstream.requests) == 1
+    whole = make_gateway("api_keys: [key-conversation]\n",
+                         files={"t.yaml": "tenant: t\napi_keys: [key-last-turn]\nprompt: {scope: last_user_turn}\n"})
+    with pytest.raises(openai.BadRequestError):  # the default scope: the whole conversation
+        whole.client(api_key="key-conversation").chat.completions.create(model="m", messages=conversation)
+    assert upstream.requests == []
+    whole.client(api_key="key-last-turn").chat.completions.create(model="m", messages=conversation)
+    assert len(upstream.requests) == 1  # the cheaper scope misses the earlier turn, as documented
+    prompt_calls = [r for r in guard.requests if "[Assistant]" not in r["messages"][1]["content"]]
+    assert prompt_calls[-1]["messages"][1]["content"].endswith("[User]: go on, tell me how")
+
+
+def test_the_renamed_score_turns_key_gets_a_clear_error(tmp_path):
+    (tmp_path / "default.yaml").write_text("score_turns: all\n")
+    done = guardgate("policy", "validate", str(tmp_path))
+    assert done.returncode == 1 and "'score_turns' was replaced by 'prompt.scope'" in done.stdout
 
 
 def test_unknown_or_missing_key_gets_401_once_keys_exist(make_gateway, upstream):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
 from gateway.guard.base import HARM_CATEGORIES
 
@@ -57,6 +57,15 @@ class StagePolicy(BaseModel):
     action: Action = "block"
 
 
+class PromptStagePolicy(StagePolicy):
+    """The request stage, which also says which of the request's texts are scored."""
+
+    # conversation: every message (system, developer, user, tool; assistant turns in the response template)
+    #   and the tool / schema definitions, each its own cached text. last_user_turn: only the last user
+    #   message, cheaper and bypassable: harm placed anywhere else in the request is never scored.
+    scope: Literal["conversation", "last_user_turn"] = "conversation"
+
+
 class ResponseStagePolicy(StagePolicy):
     """The answer stage, which also says how streamed answers are released."""
 
@@ -78,14 +87,20 @@ class Policy(BaseModel):
     strictness: Threshold = "moderate"
     # Per-category thresholds; where a verdict names several, the strictest (lowest) applies.
     categories: dict[Category, Threshold] = Field(default_factory=dict)
-    prompt: StagePolicy = Field(default_factory=StagePolicy)
+    prompt: PromptStagePolicy = Field(default_factory=PromptStagePolicy)
     response: ResponseStagePolicy = Field(default_factory=ResponseStagePolicy)
     on_guard_error: Literal["open", "closed"] = "closed"
     block_message: str = Field(DEFAULT_BLOCK_MESSAGE, min_length=1)
-    # Which user turns the prompt stage scores: the last one, or every user turn of the conversation.
-    score_turns: Literal["last", "all"] = "last"
     # Score every text afresh: no cached verdict is read or written for this tenant.
     bypass_cache: bool = False
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed(cls, data: object) -> object:
+        if isinstance(data, dict) and "score_turns" in data:
+            raise ValueError("'score_turns' was replaced by 'prompt.scope': conversation (the default) scores "
+                             "every message, last_user_turn only the last user message")
+        return data
 
     def stage(self, stage: str) -> StagePolicy:
         return self.prompt if stage == "prompt" else self.response
