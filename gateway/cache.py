@@ -13,8 +13,9 @@ import logging
 import time
 from binascii import hexlify
 from collections import OrderedDict
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import redis.asyncio as aioredis
 import redis.exceptions
@@ -42,7 +43,7 @@ class ScoredVerdict:
     source: Source
 
 
-def _update_framed(h: "hashlib._Hash", text: str) -> None:
+def _update_framed(h: hashlib._Hash, text: str) -> None:
     # Length-prefixed, so ("ab", "c") and ("a", "bc") never hash alike. surrogatepass: JSON may carry lone
     # surrogates, and they must hash, not raise.
     data = text.encode("utf-8", "surrogatepass")
@@ -50,7 +51,7 @@ def _update_framed(h: "hashlib._Hash", text: str) -> None:
     h.update(data)
 
 
-def _base_hash(identity: str, stage: str) -> "hashlib._Hash":
+def _base_hash(identity: str, stage: str) -> hashlib._Hash:
     h = hashlib.sha256()
     _update_framed(h, identity)
     _update_framed(h, stage)
@@ -113,7 +114,7 @@ class VerdictCache:
                 redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
                 retry=Retry(NoBackoff(), 0), max_connections=_MAX_CONNECTIONS)
         self._local: OrderedDict[bytes, tuple[float, ScoredVerdict]] = OrderedDict()
-        self._bases: dict[tuple[str, str], "hashlib._Hash"] = {}
+        self._bases: dict[tuple[str, str], hashlib._Hash] = {}
         self._inflight: dict[bytes, asyncio.Future[ScoredVerdict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_down = False

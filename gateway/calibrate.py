@@ -22,9 +22,10 @@ import json
 import re
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence, get_args
+from typing import Literal, get_args
 
 import yaml
 
@@ -285,10 +286,12 @@ async def _score_with_config(config_path: Path, examples: Sequence[Example], pat
                              skip_errors: bool) -> tuple[dict[int, int], list[str]]:
     from gateway.config import load_config
     from gateway.guard import build_guard
+    from gateway.logs import redact_url
 
     config = load_config(config_path)
     guard = build_guard(config.guard)
-    print(f"scoring {len(examples)} lines with {config.guard.model} at {guard.base_url}", file=sys.stderr)
+    where = ", ".join(redact_url(u) for u in config.guard.base_urls) or "in process"
+    print(f"scoring {len(examples)} lines with {guard.identity} ({where})", file=sys.stderr)
     try:
         return await score_examples(guard, examples, path, concurrency, stop_on_error=not skip_errors)
     finally:

@@ -106,8 +106,8 @@ def _check(args: argparse.Namespace) -> int:
     from gateway.guard.base import GuardError, GuardInput
 
     guard_config = load_config(args.config).guard if args.config else GuardConfig()
-    stage = "response" if args.response is not None else "prompt"
-    item = GuardInput(stage, args.text, args.response)
+    item = GuardInput("response" if args.response is not None else "prompt", args.text, args.response)
+    stage = item.stage
 
     async def run():
         guard = build_guard(guard_config)

@@ -73,7 +73,7 @@ class GuardConfig(_Strict):
     # FlexGuard.
     max_tokens: int = Field(2048, ge=16)
     # Qwen3's template takes enable_thinking; the card validates the model with thinking on.
-    chat_template_kwargs: dict[str, object] = Field(default_factory=lambda: {"enable_thinking": True})
+    chat_template_kwargs: dict[str, object] = Field(default_factory=lambda: dict[str, object](enable_thinking=True))
     reasoning: Literal["on", "off"] = Field("on", description="off: no <think> block (faster; not validated by the card)")
     # BingoGuard.
     severity_rubrics: Path | None = None
@@ -96,7 +96,7 @@ class GuardConfig(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _resolve_backend(self) -> "GuardConfig":
+    def _resolve_backend(self) -> GuardConfig:
         if self.backend is None:
             self.backend = "flexguard" if self.base_url else "embedded"
         if self.backend != "embedded" and not self.base_url:

@@ -8,7 +8,7 @@ the CPU of each call (measured: ~0.5 vs ~0.8 ms per call on a 2-core machine).
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import httpx
 

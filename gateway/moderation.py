@@ -9,8 +9,8 @@ from __future__ import annotations
 import logging
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Sequence
 
 from gateway.cache import VerdictCache
 from gateway.guard.base import SAFE, Guard, GuardError, GuardInput, Stage

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Union
+from typing import Any
 
 from pydantic import (
     BaseModel,
@@ -28,7 +28,7 @@ class ContentPart(BaseModel):
     type: StrictStr
 
     @model_validator(mode="after")
-    def _known_type(self) -> "ContentPart":
+    def _known_type(self) -> ContentPart:
         key = TEXT_PARTS.get(self.type)
         if key is not None:
             if not isinstance(getattr(self, key, None), str):
@@ -43,7 +43,7 @@ class ContentPart(BaseModel):
 class Message(BaseModel):
     model_config = ConfigDict(extra="allow")
     role: StrictStr
-    content: Union[StrictStr, list[ContentPart], None] = None
+    content: StrictStr | list[ContentPart] | None = None
     name: StrictStr | None = None
 
     @field_validator("content", mode="before")

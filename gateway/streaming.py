@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import re
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import orjson
 
@@ -57,7 +58,7 @@ class SSEParser:
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
         self._buf += chunk
-        events = []
+        events: list[SSEEvent] = []
         while True:
             m = _EVENT_END.search(self._buf)
             if not m:
@@ -225,7 +226,8 @@ def _event_bytes(obj: Any) -> bytes:
 
 
 def _content_filter_chunk(envelope: dict[str, Any], index: int) -> dict[str, Any]:
-    chunk = {k: envelope[k] for k in ("id", "object", "created", "model", "system_fingerprint") if k in envelope}
+    chunk: dict[str, Any] = {k: envelope[k] for k in ("id", "object", "created", "model", "system_fingerprint")
+                             if k in envelope}
     chunk["choices"] = [{"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter"}]
     return chunk
 

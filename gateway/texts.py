@@ -12,8 +12,9 @@ refused with a 400 naming it, because its meaning to the model cannot be known.
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Literal, Mapping
+from typing import Any, Literal
 
 from gateway.errors import ClientError
 from gateway.guard.base import GuardInput

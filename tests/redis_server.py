@@ -49,7 +49,7 @@ class RedisServer:
     def client(self) -> redis.Redis:
         return redis.Redis.from_url(self.url, socket_timeout=5)
 
-    def start(self) -> "RedisServer":
+    def start(self) -> RedisServer:
         assert self.binary and self.port and self.workdir, "only our own redis-server can be started"
         log = self.workdir / "redis.log"
         self.proc = subprocess.Popen(

@@ -13,7 +13,8 @@ from __future__ import annotations
 import asyncio
 import math
 import re
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from gateway.guard import bingoguard_template as tpl
 from gateway.guard.base import HARM_CATEGORIES, SAFE, GuardError, GuardInput, Verdict

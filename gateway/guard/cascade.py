@@ -7,7 +7,7 @@ embedded guard gets confidently wrong is never seen by the GPU guard.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 from gateway.guard.base import Guard, GuardInput, Verdict
 

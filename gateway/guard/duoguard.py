@@ -15,7 +15,8 @@ under it.
 from __future__ import annotations
 
 import math
-from typing import Any, Literal, Sequence
+from collections.abc import Sequence
+from typing import Any, Literal
 
 from gateway.guard.base import HARM_CATEGORIES, SAFE, GuardError, GuardInput, Verdict
 from gateway.guard.endpoints import DEFAULT_COOLDOWN_S, RemoteGuard

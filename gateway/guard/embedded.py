@@ -18,10 +18,10 @@ import gzip
 import hashlib
 import io
 import os
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -246,7 +246,7 @@ class EmbeddedGuard:
         future = loop.run_in_executor(self._executor, self.score_sync, list(inputs))
         try:
             return await asyncio.wait_for(future, self.timeout_s)
-        except asyncio.TimeoutError:
+        except TimeoutError:
             raise GuardError("timeout", f"embedded guard took over {self.timeout_s:g}s") from None
         except Exception as e:  # a model failure is a guard error, never SAFE
             raise GuardError("unparsable", f"embedded guard failed ({type(e).__name__})") from None

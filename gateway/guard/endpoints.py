@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Any, Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import httpx
 import orjson
@@ -164,6 +165,7 @@ class Endpoints:
         return False, f"no guard endpoint ready ({failing})"
 
     async def _probe(self, i: int, path: str, check: Callable[[Any], str | None] | None) -> str | None:
+        reason: str | None
         try:
             resp = await self._http.request("GET", f"{self.urls[i]}{path}", timeout=httpx.Timeout(READY_TIMEOUT_S))
         except httpx.HTTPError as e:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal, Union
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
 
@@ -21,7 +21,7 @@ def _check_threshold(v: object) -> object:
     raise ValueError("expected strict (20), moderate (40), loose (60) or an integer from 0 to 100")
 
 
-Threshold = Annotated[Union[Preset, int], PlainValidator(_check_threshold)]
+Threshold = Annotated[Preset | int, PlainValidator(_check_threshold)]
 Category = Literal["VIO", "ILG", "SEX", "INF", "DIS", "MIS", "JAIL"]
 Action = Literal["block", "flag", "shadow"]
 
