@@ -58,13 +58,14 @@ def _base_hash(identity: str, stage: str) -> hashlib._Hash:
     return h
 
 
-def verdict_key(identity: str, item: GuardInput) -> bytes:
+def verdict_key(identity: str, item: GuardInput, base: hashlib._Hash | None = None) -> bytes:
     """The 32-byte digest naming one verdict: guard identity, stage, and the texts that stage scores.
 
     The prompt stage scores only the user text, so `assistant` is not part of a prompt key; in the response
-    stage a missing answer is scored as "" (as FlexGuard does), so None and "" share a key.
+    stage a missing answer is scored as "" (as FlexGuard does), so None and "" share a key. `base`: the
+    identity and stage already hashed (`_base_hash`), to be copied instead of hashed again.
     """
-    h = _base_hash(identity, item.stage)
+    h = base.copy() if base is not None else _base_hash(identity, item.stage)
     _update_framed(h, item.user)
     if item.stage == "response":
         _update_framed(h, item.assistant or "")
@@ -191,11 +192,7 @@ class VerdictCache:
         base = self._bases.get((identity, item.stage))
         if base is None:
             base = self._bases[(identity, item.stage)] = _base_hash(identity, item.stage)
-        h = base.copy()
-        _update_framed(h, item.user)
-        if item.stage == "response":
-            _update_framed(h, item.assistant or "")
-        return h.digest()
+        return verdict_key(identity, item, base)
 
     def _remember(self, key: bytes, verdict: Verdict, now: float) -> None:
         if self.local_size <= 0:
