@@ -65,7 +65,7 @@ def processes(guard_delay_ms: float, extra_config: dict) -> Iterator[tuple[str, 
         (tmp / "policies" / "default.yaml").write_text("strictness: moderate\n" + extra_config.pop("_policy", ""))
         config = {"upstream": {"base_url": f"http://127.0.0.1:{up_port}/v1", "api_key": "sk-bench"},
                   "guard": {"base_url": f"http://127.0.0.1:{guard_port}/v1"},
-                  "policies_dir": "policies", **extra_config}
+                  "policies_dir": "policies", "server": {"allow_open": True}, **extra_config}
         (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
         procs.append(subprocess.Popen([sys.executable, "-m", "gateway", "serve", "--config", str(tmp / "gateway.yaml"),
                                        "--port", str(gw_port)], env=env, cwd=REPO,

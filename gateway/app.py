@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import hmac
 import logging
 from collections.abc import AsyncIterator
 
@@ -18,7 +20,7 @@ from gateway.cache import VerdictCache
 from gateway.config import GatewayConfig
 from gateway.errors import error_response
 from gateway.guard import build_guard
-from gateway.pipeline import Gateway
+from gateway.pipeline import Gateway, bearer_token
 from gateway.policy.store import PolicyStore
 from gateway.upstream import Upstream
 
@@ -36,7 +38,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
         guard=build_guard(config.guard),
         cache=cache,
         upstream=Upstream(config.upstream),
-        policies=PolicyStore(config.policies_dir, config.policies_reload_s),
+        policies=PolicyStore(config.policies_dir, config.policies_reload_s, allow_open=config.server.allow_open),
         max_body_bytes=config.server.max_body_bytes,
     )
 
@@ -67,6 +69,21 @@ def create_app(config: GatewayConfig) -> Starlette:
         return Response(b'{"status":"ok"}', media_type="application/json")
 
     async def readyz(request: Request) -> Response:
+        # For load balancers and strangers alike: ready or not, nothing else.
+        ready, _ = await gateway.readiness()
+        return Response(b'{"status":"ready"}' if ready else b'{"status":"not ready"}',
+                        status_code=200 if ready else 503, media_type="application/json")
+
+    admin_key = config.server.admin_key.get_secret_value().encode() if config.server.admin_key else None
+
+    async def admin_readiness(request: Request) -> Response:
+        if admin_key is None:
+            return error_response(404, "The admin view is off: set server.admin_key in the gateway config.",
+                                  code="unknown_url")
+        token = (bearer_token(request) or "").encode()
+        if not hmac.compare_digest(hashlib.sha256(token).digest(), hashlib.sha256(admin_key).digest()):
+            return error_response(401, "Send the gateway's server.admin_key as 'Authorization: Bearer <key>'.",
+                                  code="invalid_api_key")
         ready, checks = await gateway.readiness()
         body = {"status": "ready" if ready else "not ready", "checks": checks}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
@@ -93,6 +110,7 @@ def create_app(config: GatewayConfig) -> Starlette:
             Route("/v1/models", models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
+            Route("/admin/readiness", admin_readiness, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         lifespan=lifespan,

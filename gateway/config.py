@@ -18,6 +18,11 @@ class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
+    # With no api_keys in any policy file the gateway would serve everyone with the default policy: only
+    # when this says so. A running gateway that has keys never turns open on a reload, whatever this says.
+    allow_open: bool = False
+    # Bearer key for GET /admin/readiness (tenants, policy errors, cache and guard stats); unset: no admin view.
+    admin_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
 
 

@@ -15,6 +15,9 @@ M = TypeVar("M", bound=BaseModel)
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 
 
+MAX_FILE_BYTES = 1024 * 1024
+
+
 class ConfigError(Exception):
     """A config or policy file is wrong. The message is meant for the operator, one problem per line."""
 
@@ -54,14 +57,34 @@ def _interpolate(value: Any, path: tuple, problems: list[tuple[tuple, str]]) -> 
 
 
 def read_yaml(path: Path) -> tuple[Any, dict[tuple, int]]:
-    """Parse a YAML file; return the data and a key-path → line map for error messages."""
+    """Parse a YAML file; return the data and a key-path → line map for error messages.
+
+    Refused, as a ConfigError: a file over MAX_FILE_BYTES, bytes that are not UTF-8, and aliases (`*name`),
+    whose expansion can turn a few hundred bytes into billions of nodes.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as f:
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror or e}") from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise ConfigError(f"{path}: larger than {MAX_FILE_BYTES} bytes; a config or policy file is a few lines")
     try:
-        node = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); save the file as UTF-8") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                line = event.start_mark.line + 1 if event.start_mark else "?"
+                raise ConfigError(f"{path}:{line}: YAML aliases (*{event.anchor}) are not allowed; "
+                                  "write the value out")
+        loader = yaml.SafeLoader(text)
+        try:
+            node = loader.get_single_node()
+            data = loader.construct_document(node) if node is not None else None
+        finally:
+            loader.dispose()
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{path}:{mark.line + 1}" if mark else str(path)
@@ -120,10 +143,11 @@ def explain_validation_error(model: type[BaseModel], err: ValidationError, path:
 
 
 def read_mapping(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
-    """A YAML file whose top level is a mapping (an empty file is an empty one), with its line map."""
+    """A YAML file whose top level is a mapping, with its line map. An empty file (or only comments, or
+    only `---`) is an error: a file that lost its content must never count as "all defaults"."""
     data, lines = read_yaml(path)
     if data is None:
-        data = {}
+        raise ConfigError(f"{path}: the file is empty; write at least one key (e.g. `strictness: moderate`)")
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of keys at the top level, got {type(data).__name__}")
     return data, lines

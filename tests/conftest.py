@@ -21,6 +21,7 @@ from tests.redis_server import RedisServer, start_redis
 from tests.standins import GuardBehaviour, ServerThread, UpstreamBehaviour, guard_app, upstream_app
 
 UPSTREAM_KEY = "sk-upstream-SECRET-0123456789"
+ADMIN_KEY = "admin-key-for-tests-0001"
 
 
 # ----- a real Redis (our own redis-server where the binary exists; REQUIRE_REDIS=1 turns skips into failures) -----
@@ -119,6 +120,10 @@ class RunningGateway:
     def __init__(self, server: ServerThread, config_path: Path) -> None:
         self.server, self.url, self.config_path = server, server.url, config_path
 
+    def details(self) -> dict:
+        """The admin readiness view (tenants, policy errors, cache and guard stats)."""
+        return httpx.get(f"{self.url}/admin/readiness", headers={"authorization": f"Bearer {ADMIN_KEY}"}).json()
+
     def client(self, **kwargs) -> openai.OpenAI:
         return openai.OpenAI(base_url=f"{self.url}/v1", api_key=kwargs.pop("api_key", "client-key"),
                              max_retries=0, timeout=30, **kwargs)
@@ -146,6 +151,8 @@ def make_gateway(tmp_path, guard, upstream) -> Iterator[Callable[..., RunningGat
             "guard": {"base_url": guard_url or f"{guard.url}/v1", "model": guard.model, "timeout_s": 2},
             "policies_dir": "policies",
             "policies_reload_s": 0.1,
+            # Most tests run without keys (the auth tests add them).
+            "server": {"allow_open": True, "admin_key": ADMIN_KEY},
         }
         for section, values in overrides.items():
             config.setdefault(section, {}).update(values)

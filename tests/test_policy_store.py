@@ -86,3 +86,69 @@ def test_reload_keeps_the_last_good_version_of_each_file(tmp_path):
     assert cur.tenants["a"].strictness == 10 and cur.tenants["b"].strictness == 25
     assert set(cur.errors) == {"a.yaml", "c.yaml"} and "c" not in cur.tenants
     assert not s.reload_if_changed()  # nothing changed since
+
+
+# ----- fail safe: a reload never opens the gateway up -----
+
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [{', '.join([f'*{p}'] * 9)}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "---\n", "   \n"])
+def test_an_empty_file_is_invalid(tmp_path, text):
+    with pytest.raises(ConfigError, match="empty"):
+        store(tmp_path, {"default.yaml": text})
+
+
+def test_an_emptied_default_with_the_only_keys_keeps_the_gateway_closed(tmp_path):
+    s = store(tmp_path, {"default.yaml": "api_keys: [only-key-001]\n"})
+    (tmp_path / "default.yaml").write_text("")
+    assert s.reload_if_changed()
+    assert not s.current.open and s.current.for_api_key(None) is None
+    assert s.current.for_api_key("only-key-001").tenant == "default"
+    assert "empty" in s.current.errors["default.yaml"]
+
+
+def test_a_tenant_file_that_loses_its_keys_keeps_its_last_good_version(tmp_path):
+    s = store(tmp_path, {"default.yaml": "strictness: moderate\n",
+                         "acme.yaml": "tenant: acme\napi_keys: [acme-key-001]\nstrictness: strict\n"})
+    (tmp_path / "acme.yaml").write_text("tenant: acme\n")
+    s.reload_if_changed()
+    assert s.current.for_api_key("acme-key-001").strictness == "strict"  # still acme's own policy
+    assert s.current.for_api_key(None) is None  # and still closed to everyone else
+    assert "had keys and now has none" in s.current.errors["acme.yaml"]
+
+
+def test_a_reload_that_would_remove_every_key_is_refused_whole(tmp_path):
+    s = store(tmp_path, {"default.yaml": "strictness: moderate\n",
+                         "acme.yaml": "tenant: acme\napi_keys: [acme-key-001]\n"})
+    (tmp_path / "acme.yaml").unlink()  # a valid change on its own: deleting a tenant
+    s.reload_if_changed()
+    assert not s.current.open and s.current.for_api_key("acme-key-001").tenant == "acme"
+    assert "would open the gateway" in s.current.errors["*"]
+
+
+def test_no_keys_anywhere_needs_allow_open(tmp_path):
+    with pytest.raises(ConfigError, match="allow_open"):
+        store(tmp_path, {"default.yaml": "strictness: moderate\n"}, allow_open=False)
+    assert PolicyStore(tmp_path, allow_open=True).current.open
+
+
+def test_a_non_utf8_file_is_reported_and_other_files_still_reload(tmp_path):
+    s = store(tmp_path, {"default.yaml": "strictness: moderate\n",
+                         "acme.yaml": "tenant: acme\napi_keys: [acme-key-001, acme-key-002]\n",
+                         "beta.yaml": "tenant: beta\napi_keys: [beta-key-001]\n"})
+    (tmp_path / "beta.yaml").write_bytes(b"tenant: beta\napi_keys: [beta-key-001]\n# caf\xe9\n")
+    (tmp_path / "acme.yaml").write_text("tenant: acme\napi_keys: [acme-key-002]\n")  # a revoked key
+    s.reload_if_changed()
+    assert s.current.for_api_key("acme-key-001") is None  # the revocation took effect
+    assert s.current.for_api_key("beta-key-001").tenant == "beta"  # beta's last good version
+    assert "not UTF-8" in s.current.errors["beta.yaml"]
+
+
+def test_yaml_aliases_and_huge_files_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="aliases"):
+        store(tmp_path, {"default.yaml": BOMB})
+    (tmp_path / "default.yaml").write_text("strictness: moderate\n" + "# padding\n" * 200_000)
+    with pytest.raises(ConfigError, match="larger than"):
+        PolicyStore(tmp_path)

@@ -107,8 +107,21 @@ def test_health_and_readiness(gateway, make_gateway):
     assert ready.status_code == 200 and ready.json()["status"] == "ready"
     down = make_gateway(guard_url=f"http://127.0.0.1:{closed_port()}/v1")
     not_ready = httpx.get(f"{down.url}/readyz")
-    assert not_ready.status_code == 503
-    assert "guard unreachable" in not_ready.json()["checks"]["guard"]
+    assert not_ready.status_code == 503 and not_ready.json() == {"status": "not ready"}
+    assert "guard unreachable" in down.details()["checks"]["guard"]
+
+
+def test_readyz_tells_strangers_nothing_and_the_admin_view_needs_the_admin_key(make_gateway):
+    gw = make_gateway(files={"acme.yaml": "tenant: acme\napi_keys: [acme-key-0001]\n"})
+    ready = httpx.get(f"{gw.url}/readyz")
+    assert ready.json() == {"status": "ready"} and "acme" not in ready.text
+    for headers in ({}, {"authorization": "Bearer acme-key-0001"}, {"authorization": "Bearer wrong"}):
+        denied = httpx.get(f"{gw.url}/admin/readiness", headers=headers)
+        assert denied.status_code == 401 and "acme" not in denied.text
+        assert denied.json()["error"]["code"] == "invalid_api_key"
+    assert gw.details()["checks"]["policies"]["tenants"] == ["acme", "default"]
+    off = make_gateway(server={"admin_key": None})
+    assert httpx.get(f"{off.url}/admin/readiness").status_code == 404
 
 
 # ----------------------------------------------------------------- blocking ----

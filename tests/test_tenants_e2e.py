@@ -175,8 +175,8 @@ def test_hot_reload_applies_changes_and_survives_a_broken_file(make_gateway, gua
 
     # A broken file is reported and the last good version stays in force.
     (policies / "acme.yaml").write_text("tenant: acme\napi_keys: [acme-key-0001]\nstrictness: medium\n")
-    assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").json()["checks"]["policies"]["status"] == "error")
-    ready = httpx.get(f"{gw.url}/readyz").json()
+    assert wait_for(lambda: gw.details()["checks"]["policies"]["status"] == "error")
+    ready = gw.details()
     assert "acme.yaml:3: strictness" in ready["checks"]["policies"]["errors"]["acme.yaml"]
     assert outcome(gw, "acme-key-0001", "a borderline question") == "block"  # still moderate
 
@@ -189,7 +189,7 @@ def test_hot_reload_applies_changes_and_survives_a_broken_file(make_gateway, gua
     # Fixing the file clears the error.
     (policies / "acme.yaml").write_text("tenant: acme\napi_keys: [acme-key-0001]\nstrictness: 70\n")
     assert wait_for(lambda: outcome(gw, "acme-key-0001", "a borderline question") == "pass")
-    assert httpx.get(f"{gw.url}/readyz").json()["checks"]["policies"]["status"] == "ok"
+    assert gw.details()["checks"]["policies"]["status"] == "ok"
 
 
 def outcome_or_401(gw, key):
@@ -204,7 +204,7 @@ def test_a_broken_default_keeps_the_last_good_default(make_gateway, guard):
     guard.rules.append(Rule("mild", "DIS", 30))
     assert outcome(gw, "k", "a mild insult") == "block"
     (gw.config_path.parent / "policies" / "default.yaml").write_text("strictness: [\n")
-    assert wait_for(lambda: httpx.get(f"{gw.url}/readyz").json()["checks"]["policies"]["status"] == "error")
+    assert wait_for(lambda: gw.details()["checks"]["policies"]["status"] == "error")
     assert outcome(gw, "k", "a mild insult") == "block"
 
 
@@ -251,3 +251,25 @@ def test_policy_explain(tmp_path):
 def test_hash_key_matches_what_the_gateway_accepts():
     r = guardgate("policy", "hash-key", stdin="sk-demo-assistant-0001\n")
     assert r.stdout.strip() in (EXAMPLES / "assistant.yaml").read_text()
+
+
+def test_an_alias_bomb_is_rejected_without_stalling_requests(make_gateway, guard, upstream):
+    from tests.test_policy_store import BOMB
+    gw = make_gateway(files={"acme.yaml": "tenant: acme\napi_keys: [acme-key-0001]\n"})
+    (gw.config_path.parent / "policies" / "evil.yaml").write_text("tenant: evil\n" + BOMB)
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:  # requests keep flowing while the reload sees the file
+        t0 = time.monotonic()
+        assert outcome(gw, "acme-key-0001", "hello") == "pass"
+        assert time.monotonic() - t0 < 1.0
+    assert "aliases" in gw.details()["checks"]["policies"]["errors"]["evil.yaml"]
+
+
+def test_a_tenant_rewritten_without_keys_never_opens_the_gateway(make_gateway, guard, upstream):
+    gw = make_gateway(files={"acme.yaml": "tenant: acme\napi_keys: [acme-key-0001]\n"})
+    (gw.config_path.parent / "policies" / "acme.yaml").write_text("tenant: acme\n")
+    assert wait_for(lambda: "acme.yaml" in gw.details()["checks"]["policies"]["errors"])
+    with pytest.raises(openai.AuthenticationError):
+        gw.client(api_key="no-such-key").chat.completions.create(model="m", messages=[{"role": "user",
+                                                                                       "content": "hi"}])
+    assert outcome(gw, "acme-key-0001", "hello") == "pass"

@@ -11,7 +11,7 @@ import asyncio
 import hashlib
 import hmac
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +74,15 @@ class _Loaded:
 
 
 class PolicyStore:
-    def __init__(self, policies_dir: Path, reload_interval_s: float = 1.0, *, strict: bool = True) -> None:
+    """The policy files, read at start and re-read when they change; every reload fails safe: a file that
+    does not validate keeps its last good version, and a reload that would leave a gateway that had keys
+    with none (open to everyone) is refused whole."""
+
+    def __init__(self, policies_dir: Path, reload_interval_s: float = 1.0, *, strict: bool = True,
+                 allow_open: bool = True) -> None:
         """strict: any invalid file raises ConfigError (at start). Otherwise invalid files are left out
-        and listed in `current.errors` (for `guardgate policy validate`)."""
+        and listed in `current.errors` (for `guardgate policy validate`). allow_open: whether a folder
+        without any api_keys may serve everyone with the default policy."""
         self.dir = policies_dir
         self.reload_interval_s = reload_interval_s
         if not self.dir.is_dir():
@@ -84,6 +90,12 @@ class PolicyStore:
         self._good: dict[str, _Loaded] = {}  # file name → last version that validated
         self._signatures: dict[str, tuple[int, int]] = {}
         self.current = self._build(strict=strict)
+        if self.current.open and not allow_open:
+            raise ConfigError(f"{self.dir}: no policy file has api_keys, so every client would be served with "
+                              "the default policy; add keys, or set server.allow_open: true to run open")
+        if self.current.open:
+            log.warning("no api_keys in any policy file: the gateway is open to every client",
+                        extra={"fields": {"event": "auth_open", "policies_dir": str(self.dir)}})
 
     # ----- loading -----
 
@@ -110,10 +122,10 @@ class PolicyStore:
                 result = validate(loaded)
                 self._good[name] = loaded
                 return result
-            except ConfigError as e:
+            except Exception as e:  # one bad file never stops the others from loading
                 if strict:
                     raise
-                errors[name] = str(e)
+                errors[name] = str(e) if isinstance(e, ConfigError) else f"{self.dir / name}: {type(e).__name__}: {e}"
                 previous = self._good.get(name)
                 return validate(previous) if previous is not None else None
 
@@ -149,6 +161,10 @@ class PolicyStore:
                     raise ConfigError(f"{where}: tenant: each tenant file needs `tenant: <name>` "
                                       "(a name other than 'default')")
                 policy = load_model(Policy, path, merge(inherited, loaded.data), loaded.lines)
+                previous = self._good.get(path.name)
+                if not policy.api_keys and previous is not None and previous.data.get("api_keys"):
+                    raise ConfigError(f"{path}: api_keys: this tenant had keys and now has none; its clients "
+                                      "would fall to other policies. To retire the tenant, delete the file")
                 if policy.tenant in tenants:
                     raise ConfigError(f"{path}: tenant: '{policy.tenant}' is already defined by another file")
                 for key in policy.api_keys:
@@ -176,7 +192,13 @@ class PolicyStore:
         if self._files() == self._signatures:
             return False
         previous_errors = self.current.errors
-        self.current = self._build(strict=False)
+        candidate = self._build(strict=False)
+        if candidate.open and not self.current.open:
+            message = ("refused: after this change no policy file has api_keys, which would open the gateway "
+                       "to every client; the last good policies stay in force (restart with "
+                       "server.allow_open: true to run open)")
+            candidate = replace(self.current, errors={**candidate.errors, "*": message})
+        self.current = candidate
         for name, message in self.current.errors.items():
             if previous_errors.get(name) != message:
                 log.error("policy file rejected; its last good version stays in force",
@@ -190,6 +212,7 @@ class PolicyStore:
         while True:
             await asyncio.sleep(self.reload_interval_s)
             try:
-                self.reload_if_changed()
+                # Off the event loop: reading and validating files must never stall requests.
+                await asyncio.to_thread(self.reload_if_changed)
             except Exception:  # never let the watcher die: the last good set stays in force
                 log.exception("policy reload failed", extra={"fields": {"event": "policy_error"}})
