@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
 from gateway import stream_modes
@@ -49,6 +49,14 @@ def check_json_content_type(request: Request) -> None:
                           code="unsupported_media_type")
 
 
+async def _disconnected(request: Request) -> None:
+    """Return once the client has hung up (the body is read, so the next ASGI message is the disconnect)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
 def bearer_token(request: Request) -> str | None:
     auth = request.headers.get("authorization", "")
     scheme, _, token = auth.partition(" ")
@@ -82,10 +90,37 @@ class Gateway:
             report = Report(policy=self.authenticate(request))
         except ClientError as e:
             return from_client_error(e)
-        policy = report.policy
         try:
             check_json_content_type(request)
             body = await read_body(request, self.max_body_bytes)
+        except ClientError as e:
+            return from_client_error(e, report.headers())
+        except ClientDisconnect:
+            log.info("client disconnected", extra={"fields": {
+                "event": "client_disconnect", "request_id": report.request_id, "tenant": report.tenant,
+                "during": "upload"}})
+            return Response(status_code=499)
+        # Until a streamed answer starts, the client may hang up while we wait for the guard or the upstream:
+        # then stop waiting, so that the upstream call is closed rather than left generating for nobody.
+        work = asyncio.ensure_future(self._complete(report, body))
+        hangup = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({work, hangup}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            hangup.cancel()
+            if not work.done():
+                work.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        await asyncio.wait({work})
+        log.info("client disconnected", extra={"fields": {
+            "event": "client_disconnect", "request_id": report.request_id, "tenant": report.tenant,
+            "during": "answer"}})
+        return Response(status_code=499)
+
+    async def _complete(self, report: Report, body: bytes) -> Response:
+        policy = report.policy
+        try:
             try:
                 data = orjson.loads(body)
             except orjson.JSONDecodeError:
@@ -165,7 +200,7 @@ class Gateway:
             try:
                 content = await resp.aread()
             finally:
-                await resp.aclose()
+                await stream_modes.close_upstream(resp)
             return await self._moderate_completion(report, resp.status_code, content, upstream_headers, context)
         settings = report.policy.response
         mode = settings.stream if settings.check else "unchecked"
@@ -181,7 +216,7 @@ class Gateway:
             except (httpx.HTTPError, StreamProtocolError) as e:
                 raise stream_modes.upstream_stream_failure(e) from None
             finally:
-                await resp.aclose()
+                await stream_modes.close_upstream(resp)
             return Response(content, status_code=200, media_type="text/event-stream",
                             headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})
         if mode == "windowed":

@@ -167,6 +167,8 @@ class UpstreamBehaviour:
     chunk_chars: int = 4
     chunk_delay_s: float = 0.0  # between content chunks, as a model generating tokens
     break_after_chunks: int | None = None  # drop the connection mid-stream
+    answer_delay_s: float = 0.0  # a plain (not streamed) answer takes this long
+    hung_up: list[float] = field(default_factory=list)  # when the gateway hung up on a plain answer
     message: dict | None = None  # answer with this whole assistant message (not streamed)
     deltas: list[Any] | None = None  # stream these deltas for choice 0, one chunk each, then a stop finish
     raw_body: Any = None  # answer with this JSON body as it is (not streamed)
@@ -184,6 +186,8 @@ class UpstreamBehaviour:
         self.chunk_delay_s = 0.0
         self.break_after_chunks = None
         self.message = self.deltas = self.raw_body = self.raw_chunks = None
+        self.answer_delay_s = 0.0
+        self.hung_up.clear()
         self.requests.clear()
         self.streams.clear()
 
@@ -208,6 +212,13 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
         body = orjson.loads(raw)
         texts = b.texts(body)
         created, model = int(time.time()), body.get("model", "stand-in")
+        if b.answer_delay_s and not body.get("stream"):
+            deadline = time.monotonic() + b.answer_delay_s
+            while time.monotonic() < deadline:
+                if await request.is_disconnected():
+                    b.hung_up.append(time.monotonic())
+                    return Response(status_code=499)
+                await asyncio.sleep(0.02)
         if b.raw_body is not None and not body.get("stream"):
             return JSONResponse(b.raw_body)
         if b.message is not None and not body.get("stream"):

@@ -299,3 +299,30 @@ def test_the_usage_chunk_still_arrives_when_the_only_choice_is_blocked(make_gate
         "content_filter"]
     assert chunks[-1].usage is not None and chunks[-1].usage.total_tokens == 12
     assert "ammonia" not in "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+def _hang_up_after(url: str, body: dict, seconds: float) -> None:
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{url}/v1/chat/completions", json=body, timeout=httpx.Timeout(seconds))
+
+
+def test_a_client_leaving_a_plain_request_closes_the_upstream_call(make_gateway, guard, upstream):
+    upstream.answer_delay_s = 10
+    gw = make_gateway()
+    _hang_up_after(gw.url, {"model": "m", "messages": [{"role": "user", "content": "hi"}]}, 0.5)
+    deadline = time.monotonic() + 5
+    while not upstream.hung_up and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert upstream.hung_up, "the upstream call was left running for a client that had gone"
+
+
+def test_a_client_leaving_a_buffered_stream_closes_the_upstream(make_gateway, guard, upstream):
+    upstream.answers = [BENIGN * 40]
+    upstream.chunk_delay_s = 0.01  # ~10 s to generate in full
+    gw = make_gateway("response: {stream: buffered}\n")
+    _hang_up_after(gw.url, {"model": "m", "messages": [{"role": "user", "content": "hi"}], "stream": True}, 0.5)
+    deadline = time.monotonic() + 5
+    while "closed_at" not in upstream.streams[-1] and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "closed_at" in upstream.streams[-1], "the upstream stream was left running"
+    assert upstream.streams[-1]["completed"] is False
