@@ -35,6 +35,7 @@ _KNOWN_CATEGORIES = frozenset(HARM_CATEGORIES) | {SAFE}
 _POOL_EXHAUSTED: tuple[type[BaseException], ...] = tuple(
     e for e in [getattr(redis.exceptions, "MaxConnectionsError", None)] if e is not None)
 _MAX_CONNECTIONS = 1024
+_TIMEOUTS_FOR_DOWN = 2
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,12 +114,16 @@ class VerdictCache:
             # No client-side retries: one short attempt, then the guard. Our own timeout bounds each call.
             self._redis = aioredis.Redis.from_url(
                 redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
-                retry=Retry(NoBackoff(), 0), max_connections=_MAX_CONNECTIONS)
+                # One retry, for a connection error only: after a Redis restart the first command on each
+                # pooled connection fails; redis-py drops that connection and the retry opens a fresh one.
+                retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
+                max_connections=_MAX_CONNECTIONS)
         self._local: OrderedDict[bytes, tuple[float, ScoredVerdict]] = OrderedDict()
         self._bases: dict[tuple[str, str], hashlib._Hash] = {}
         self._inflight: dict[bytes, asyncio.Future[ScoredVerdict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._redis_down = False
+        self._timeouts = 0  # timeouts in a row, without a success in between
         self._retry_at = 0.0  # monotonic; while down, Redis is not tried before this
         self.local_hits = self.redis_hits = self.misses = self.guard_calls = 0
         self.coalesced = self.redis_errors = self.bypassed = 0
@@ -291,6 +296,12 @@ class VerdictCache:
         self.redis_errors += 1
         if isinstance(e, _POOL_EXHAUSTED):
             return  # too many of our own calls at once: skip Redis for this one, it isn't down
+        if isinstance(e, (TimeoutError, redis.exceptions.TimeoutError)):
+            # A timeout also counts the time our own event loop was busy, so one alone is not an outage:
+            # that call goes without Redis; only _TIMEOUTS_FOR_DOWN in a row declare it down.
+            self._timeouts += 1
+            if self._timeouts < _TIMEOUTS_FOR_DOWN:
+                return
         self._retry_at = time.monotonic() + self.retry_after_s
         if not self._redis_down:
             self._redis_down = True
@@ -302,6 +313,7 @@ class VerdictCache:
     def _redis_ok(self, probe: bool) -> None:
         # Only a call that started while Redis was down proves it is back: one that was already in flight
         # when the incident began must not end it (that would log down/up once per request).
+        self._timeouts = 0
         if probe and self._redis_down:
             self._redis_down = False
             log.info("verdict cache: redis is back", extra={"fields": {

@@ -373,3 +373,44 @@ def test_hanging_redis_does_not_stall_scoring(restartable_redis: RedisServer, ca
         assert len(cache_events(caplog, "cache_redis_recovered")) == 1
         await cache.aclose()
     run(main)
+
+
+def test_after_a_redis_restart_the_stale_pooled_connection_is_replaced_not_reported(
+        restartable_redis: RedisServer, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="guardgate")
+
+    async def main() -> None:
+        guard = FakeGuard()
+        cache = VerdictCache(restartable_redis.url, retry_after_s=30)
+        await cache.score(guard, [P("before")])  # the pool holds a connection now
+        await asyncio.to_thread(restartable_redis.stop)
+        await asyncio.to_thread(restartable_redis.start)
+        assert [s.source for s in await cache.score(guard, [P("after")])] == ["guard"]
+        with restartable_redis.client() as c:
+            await until(lambda: c.exists(redis_key(verdict_key(IDENTITY, P("after")))) == 1)
+        assert cache.stats()["redis_errors"] == 0
+        assert await cache.ready() == (True, "ok")
+        await cache.aclose()
+    run(main)
+    assert cache_events(caplog, "cache_redis_down") == []
+
+
+def test_one_slow_redis_answer_is_not_an_outage(restartable_redis: RedisServer, caplog: pytest.LogCaptureFixture):
+    caplog.set_level(logging.INFO, logger="guardgate")
+
+    async def main() -> None:
+        guard = FakeGuard()
+        cache = VerdictCache(restartable_redis.url, redis_timeout_s=0.1, retry_after_s=30)
+        await cache.score(guard, [P("warm")])
+        with restartable_redis.client() as c:
+            c.execute_command("CLIENT", "PAUSE", "150", "ALL")
+            assert [s.source for s in await cache.score(guard, [P("slow")])] == ["guard"]  # went on without it
+        await asyncio.sleep(0.2)
+        assert [s.source for s in await cache.score(guard, [P("warm")])] == ["local"]
+        assert [s.source for s in await cache.score(guard, [P("next")])] == ["guard"]
+        with restartable_redis.client() as c:
+            await until(lambda: c.exists(redis_key(verdict_key(IDENTITY, P("next")))) == 1)
+        assert await cache.ready() == (True, "ok")
+        await cache.aclose()
+    run(main)
+    assert cache_events(caplog, "cache_redis_down") == []

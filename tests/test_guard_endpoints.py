@@ -291,3 +291,66 @@ def test_endpoint_logs_never_show_credentials_in_a_url(caplog):
     down = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "guard_endpoint_down"]
     assert down and down[0]["endpoint"] == f"http://***@127.0.0.1:{port}/v1"
     assert "s3cret-pw" not in caplog.text
+
+
+class FirstConnectionDropped:
+    """A raw HTTP/1.1 server on loopback: the first connection reads one request and closes without an
+    answer (a stale pooled connection); every later one answers 200 with `answer`, keeping the socket."""
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.connections = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen()
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.connections += 1
+            threading.Thread(target=self._handle, args=(conn, self.connections), daemon=True).start()
+
+    def _handle(self, conn: socket.socket, n: int) -> None:
+        with conn:
+            while True:
+                data = b""
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                head, _, body = data.partition(b"\r\n\r\n")
+                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                                  if line.lower().startswith(b"content-length")))
+                while len(body) < length:
+                    body += conn.recv(65536)
+                if n == 1:
+                    return  # dropped without an answer
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: "
+                             + str(len(self.answer)).encode() + b"\r\n\r\n" + self.answer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def test_a_lone_server_dropping_a_stale_connection_is_retried_once_on_a_fresh_one():
+    server = FirstConnectionDropped(b'{"object": "chat.completion"}')
+
+    async def run():
+        eps = endpoints([server.url])
+        try:
+            assert (await eps.post_json("/chat/completions", CHAT))["object"] == "chat.completion"
+            assert eps.healthy() == [True]  # not marked down for a stale connection
+        finally:
+            await eps.aclose()
+
+    try:
+        asyncio.run(run())
+    finally:
+        server.close()
+    assert server.connections == 2

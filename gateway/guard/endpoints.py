@@ -30,6 +30,10 @@ DEFAULT_COOLDOWN_S = 10.0
 READY_TIMEOUT_S = 2.0
 
 
+# What sending on a connection the server already closed looks like.
+_STALE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
+
+
 class _Failed(Exception):
     """The server failed (its health, not the request's fault): worth trying another."""
 
@@ -115,7 +119,8 @@ class Endpoints:
         payload = orjson.dumps(body)
         async with self._slots:
             first = self._pick()
-            assert first is not None
+            if first is None:  # unreachable: with no healthy server _pick returns the one down longest
+                raise GuardError("unreachable", "no guard endpoint")
             try:
                 return await self._attempt(first, path, payload)
             except _Failed as failed:
@@ -130,7 +135,12 @@ class Endpoints:
 
     async def _attempt(self, i: int, path: str, payload: bytes) -> Any:
         try:
-            resp = await self._http.request("POST", f"{self.urls[i]}{path}", content=payload)
+            try:
+                resp = await self._http.request("POST", f"{self.urls[i]}{path}", content=payload)
+            except _STALE:
+                # A pooled connection the server had closed (a restart, an idle timeout): the pool has
+                # dropped it, so one more try goes out on a fresh connection to the same server.
+                resp = await self._http.request("POST", f"{self.urls[i]}{path}", content=payload)
         except httpx.TimeoutException:
             self._mark_down(i, "timeout")
             raise _Failed(GuardError("timeout", f"no answer within {self.timeout_s:g}s")) from None
