@@ -89,7 +89,8 @@ def create_app(config: GatewayConfig) -> Starlette:
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     async def http_error(request: Request, exc: Exception) -> Response:
-        assert isinstance(exc, HTTPException)
+        if not isinstance(exc, HTTPException):  # Starlette routes only HTTPException here
+            return await internal_error(request, exc)
         if exc.status_code == 404:
             return error_response(404, f"Unknown request URL: {request.method} {request.url.path}. {SERVED}",
                                   code="unknown_url")

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from gateway.cache import VerdictCache
+from gateway.errors import GatewayError, GuardUnavailable
 from gateway.guard.base import SAFE, Guard, GuardError, GuardInput, Stage
 from gateway.policy.decide import Decision, decide
 from gateway.policy.schema import Policy
@@ -20,14 +21,6 @@ from gateway.policy.schema import Policy
 log = logging.getLogger("guardgate")
 
 _OUTCOME_RANK = {"allow": 0, "shadow": 1, "flag": 2, "block": 3}
-
-
-class GuardUnavailable(Exception):
-    """The guard failed and the policy fails closed."""
-
-    def __init__(self, stage: Stage, error: GuardError) -> None:
-        super().__init__(str(error))
-        self.stage, self.error = stage, error
 
 
 @dataclass
@@ -46,6 +39,7 @@ class Report:
 
     policy: Policy
     request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    started: float = field(default_factory=time.monotonic)
     stages: dict[Stage, StageRecord] = field(default_factory=dict)
     media: list[str] = field(default_factory=list)  # non-text parts forwarded unscored
     blocked_choices: set[int] = field(default_factory=set)
@@ -59,6 +53,12 @@ class Report:
 
     def skip(self, stage: Stage) -> None:
         self.stage(stage).skipped = True
+
+    def log_upstream_error(self, error: GatewayError, stream_mode: str | None = None) -> None:
+        log.warning("upstream failed", extra={"fields": {
+            "event": "upstream_error", "request_id": self.request_id, "tenant": self.tenant, "status": error.status,
+            "code": error.code, "detail": error.message, "stream_mode": stream_mode,
+            "elapsed_ms": round((time.monotonic() - self.started) * 1000, 1)}})
 
     def headers(self) -> dict[str, str]:
         """The x-guard-* headers for what is known now."""
@@ -116,7 +116,7 @@ class Moderator:
                 "event": "guard_error", "request_id": report.request_id, "tenant": report.tenant, "stage": stage,
                 "kind": e.kind, "detail": e.detail, "on_guard_error": policy.on_guard_error}})
             if policy.on_guard_error == "closed":
-                raise GuardUnavailable(stage, e) from None
+                raise GuardUnavailable(stage, e.kind) from None
             if enforce:
                 report.stage(stage).error = e.kind
             return None

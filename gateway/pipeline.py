@@ -13,15 +13,15 @@ from starlette.responses import Response, StreamingResponse
 
 from gateway import stream_modes
 from gateway.cache import VerdictCache
-from gateway.errors import ClientError, error_response, from_client_error
+from gateway.errors import ClientError, GatewayError, UpstreamError
 from gateway.guard.base import Guard, GuardInput
-from gateway.moderation import GuardUnavailable, Moderator, Report
+from gateway.moderation import Moderator, Report
 from gateway.openai_shapes import parse_chat_request
 from gateway.policy.schema import Policy
 from gateway.policy.store import PolicyStore
 from gateway.streaming import StreamProtocolError
 from gateway.texts import BadShape, choice_answer, request_texts, withhold_choice
-from gateway.upstream import Upstream, UpstreamFailure, response_headers
+from gateway.upstream import Upstream, response_headers
 
 log = logging.getLogger("guardgate")
 
@@ -89,12 +89,12 @@ class Gateway:
         try:
             report = Report(policy=self.authenticate(request))
         except ClientError as e:
-            return from_client_error(e)
+            return e.response()
         try:
             check_json_content_type(request)
             body = await read_body(request, self.max_body_bytes)
         except ClientError as e:
-            return from_client_error(e, report.headers())
+            return e.response(report.headers())
         except ClientDisconnect:
             log.info("client disconnected", extra={"fields": {
                 "event": "client_disconnect", "request_id": report.request_id, "tenant": report.tenant,
@@ -135,8 +135,7 @@ class Gateway:
             elif texts.inputs:
                 decisions = await self.moderator.judge(report, "prompt", texts.inputs, texts.labels)
                 if decisions and any(d.outcome == "block" for d in decisions):
-                    return error_response(400, policy.block_message, code="content_filter", param="messages",
-                                          headers=report.headers())
+                    raise ClientError(400, policy.block_message, code="content_filter", param="messages")
 
             if chat.stream:
                 options = data.get("stream_options")
@@ -145,12 +144,10 @@ class Gateway:
             resp = await self.upstream.send("POST", "/chat/completions", body)
             return await self._moderate_completion(report, resp.status_code, resp.content,
                                                    response_headers(resp), texts.context)
-        except ClientError as e:
-            return from_client_error(e, report.headers())
-        except GuardUnavailable as e:
-            return error_response(503, f"The guard model is unavailable ({e.error.kind}); the request was not "
-                                       "completed because this policy fails closed.",
-                                  type="guard_error", code="guard_unavailable", headers=report.headers())
+        except GatewayError as e:
+            if isinstance(e, UpstreamError):
+                report.log_upstream_error(e)
+            return e.response(report.headers())
 
     async def _moderate_completion(self, report: Report, status: int, content: bytes,
                                    headers: dict[str, str], context: str) -> Response:
@@ -164,9 +161,9 @@ class Gateway:
                 raise BadShape("choices is not a list")
             answers = [choice_answer(c, i) for i, c in enumerate(choices)]
         except (orjson.JSONDecodeError, KeyError, TypeError, BadShape):
-            raise UpstreamFailure(502, "The upstream answered with a body that is not a chat completion; "
-                                       "it was withheld because it cannot be scored.",
-                                  type="upstream_error", code="upstream_bad_response") from None
+            raise UpstreamError(502, "The upstream answered with a body that is not a chat completion; "
+                                     "it was withheld because it cannot be scored.",
+                                code="upstream_bad_response") from None
         # Scored by position, not by `index`: two choices claiming one index are still scored apart.
         blocked = await self._judge_answers(report, context, {pos: text for pos, (_, text) in enumerate(answers)})
         if blocked:
@@ -224,7 +221,7 @@ class Gateway:
         elif mode == "audit":
             events = stream_modes.audit(self.moderator, report, resp, context, self._background)
         else:
-            events = stream_modes.passthrough(resp)
+            events = stream_modes.passthrough(report, resp)
         return StreamingResponse(events, status_code=200, media_type="text/event-stream",
                                  headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})
 
@@ -232,8 +229,8 @@ class Gateway:
         try:
             self.authenticate(request)
             resp = await self.upstream.send("GET", "/models")
-        except ClientError as e:
-            return from_client_error(e)
+        except GatewayError as e:
+            return e.response()
         return Response(resp.content, status_code=resp.status_code, headers=response_headers(resp))
 
     async def readiness(self) -> tuple[bool, dict[str, Any]]:

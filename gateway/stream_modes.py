@@ -8,20 +8,15 @@ everywhere else.
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
 import httpx
-import orjson
 
-from gateway.errors import ClientError
+from gateway.errors import GuardUnavailable, UpstreamError
 from gateway.guard.base import GuardInput
-from gateway.moderation import GuardUnavailable, Moderator, Report
+from gateway.moderation import Moderator, Report
 from gateway.streaming import ChoiceTexts, HoldBack, SSEEvent, SSEParser, StreamProtocolError, withhold_choices
-from gateway.upstream import UpstreamFailure
-
-log = logging.getLogger("guardgate")
 
 
 async def close_upstream(resp: httpx.Response) -> None:
@@ -29,16 +24,6 @@ async def close_upstream(resp: httpx.Response) -> None:
     it through an anyio cancel scope, and the shield lets this close run to its end inside that scope."""
     with anyio.CancelScope(shield=True):
         await resp.aclose()
-
-
-def error_event(message: str, type: str, code: str) -> bytes:
-    """How a stream reports a failure once its headers are sent: the openai SDK raises APIError on it."""
-    return b"data: " + orjson.dumps({"error": {"message": message, "type": type, "param": None, "code": code}}) + b"\n\n"
-
-
-def guard_error_event(e: GuardUnavailable) -> bytes:
-    return error_event(f"The guard model is unavailable ({e.error.kind}); the rest of the answer was withheld "
-                       "because this policy fails closed.", "guard_error", "guard_unavailable")
 
 
 async def read_events(resp: httpx.Response) -> AsyncIterator[SSEEvent]:
@@ -51,18 +36,13 @@ async def read_events(resp: httpx.Response) -> AsyncIterator[SSEEvent]:
         yield event
 
 
-def upstream_stream_failure(e: Exception) -> UpstreamFailure:
+def upstream_stream_failure(e: Exception) -> UpstreamError:
     """What a broken or unreadable upstream stream means to the client: a 502 before anything was sent,
-    the same error as an event after (see `failure_event`)."""
+    the same error as an event after."""
     if isinstance(e, StreamProtocolError):
-        return UpstreamFailure(502, f"{e}; what follows was withheld because it cannot be scored.",
-                               type="upstream_error", code="upstream_bad_response")
-    return UpstreamFailure(502, f"The upstream stream broke off ({type(e).__name__}).",
-                           type="upstream_error", code="upstream_stream_error")
-
-
-def failure_event(e: ClientError) -> bytes:
-    return error_event(e.message, e.type, e.code or "")
+        return UpstreamError(502, f"{e}; what follows was withheld because it cannot be scored.",
+                             code="upstream_bad_response")
+    return UpstreamError(502, f"The upstream stream broke off ({type(e).__name__}).", code="upstream_stream_error")
 
 
 async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, context: str,
@@ -101,7 +81,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
             else:  # allowed, flagged, shadowed, or fail-open: released
                 hold.approve(index, size)
         except GuardUnavailable as e:
-            failures.append(guard_error_event(e))
+            failures.append(e.event())
         finally:
             inflight.pop(index, None)
             changed.set()
@@ -140,7 +120,9 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
         for data in hold.finish(done=not upstream_error):
             yield data
         if upstream_error:
-            yield failure_event(upstream_stream_failure(upstream_error[0]))
+            failure = upstream_stream_failure(upstream_error[0])
+            report.log_upstream_error(failure, "windowed")
+            yield failure.event()
     finally:
         # Also on client disconnect (the generator is cancelled): stop reading, close the upstream.
         reader.cancel()
@@ -182,7 +164,9 @@ async def audit(moderator: Moderator, report: Report, resp: httpx.Response, cont
             except StreamProtocolError:
                 parser = SSEParser()  # unreadable data is passed on as it is; only the scoring misses it
     except httpx.HTTPError as e:
-        yield failure_event(upstream_stream_failure(e))
+        failure = upstream_stream_failure(e)
+        report.log_upstream_error(failure, "audit")
+        yield failure.event()
     finally:
         await close_upstream(resp)
     answers = {i: t for i, t in texts.texts().items() if t}
@@ -202,12 +186,14 @@ async def _quietly(judgement: Awaitable[object]) -> None:
         pass  # already logged by the guard step; an audit has nobody left to tell
 
 
-async def passthrough(resp: httpx.Response) -> AsyncIterator[bytes]:
+async def passthrough(report: Report, resp: httpx.Response) -> AsyncIterator[bytes]:
     """`response.check: false`: the stream as it comes."""
     try:
         async for chunk in resp.aiter_bytes():
             yield chunk
     except httpx.HTTPError as e:
-        yield failure_event(upstream_stream_failure(e))
+        failure = upstream_stream_failure(e)
+        report.log_upstream_error(failure, "unchecked")
+        yield failure.event()
     finally:
         await close_upstream(resp)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import httpx
 
 from gateway.config import UpstreamConfig
-from gateway.errors import ClientError
+from gateway.errors import UpstreamError
 from gateway.http import PooledHTTP
 
 # Headers that describe one hop or one encoding of the body, not the answer itself.
@@ -13,10 +13,6 @@ _NOT_FORWARDED = frozenset({
     "connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding",
     "date", "server", "set-cookie", "proxy-authenticate", "trailer", "upgrade",
 })
-
-
-class UpstreamFailure(ClientError):
-    """The upstream could not be reached or did not answer in time (502/504, never the client's fault)."""
 
 
 def response_headers(resp: httpx.Response) -> dict[str, str]:
@@ -43,11 +39,10 @@ class Upstream:
             return await self._http.request(method, f"{self.base_url}{path}", content=body, headers=headers,
                                             stream=stream)
         except httpx.TimeoutException:
-            raise UpstreamFailure(504, "The upstream model did not answer in time.", type="upstream_error",
-                                  code="upstream_timeout") from None
+            raise UpstreamError(504, "The upstream model did not answer in time.", code="upstream_timeout") from None
         except httpx.HTTPError as e:
-            raise UpstreamFailure(502, f"The upstream model could not be reached ({type(e).__name__}).",
-                                  type="upstream_error", code="upstream_unavailable") from None
+            raise UpstreamError(502, f"The upstream model could not be reached ({type(e).__name__}).",
+                                code="upstream_unavailable") from None
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+import time
+
 import httpx
 import openai
 import orjson
@@ -420,3 +424,30 @@ def test_secrets_never_appear_in_responses_or_logs(make_gateway, guard, upstream
     assert HARMFUL_PROMPT not in caplog.text  # no raw text in logs either
     decisions = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "decision"]
     assert {d.fields["stage"] for d in decisions} == {"prompt", "response"}
+
+
+def test_an_upstream_failure_is_logged_with_the_request_id_status_and_timing(make_gateway, guard, caplog):
+    caplog.set_level(logging.INFO, logger="guardgate")
+    gw = make_gateway(upstream={"base_url": f"http://127.0.0.1:{closed_port()}/v1"})
+    raw = httpx.post(f"{gw.url}/v1/chat/completions", json={"model": "m", "messages": [
+        {"role": "user", "content": "hi"}]})
+    assert raw.status_code == 502
+    (logged,) = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "upstream_error"]
+    assert logged["request_id"] == raw.headers["x-guard-request-id"]
+    assert logged["status"] == 502 and logged["code"] == "upstream_unavailable" and logged["elapsed_ms"] >= 0
+
+
+def test_a_client_leaving_during_upload_is_logged_at_info_without_a_traceback(gateway, caplog):
+    caplog.set_level(logging.INFO, logger="guardgate")
+    port = int(gateway.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+                  b"content-length: 1000\r\n\r\n{\"model\": ")
+        time.sleep(0.2)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline and not any(
+            getattr(r, "fields", {}).get("event") == "client_disconnect" for r in caplog.records):
+        time.sleep(0.05)
+    (left,) = [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "client_disconnect"]
+    assert left.levelno == logging.INFO and left.exc_info is None and left.fields["during"] == "upload"
+    assert not [r for r in caplog.records if getattr(r, "fields", {}).get("event") == "internal_error"]

@@ -201,7 +201,8 @@ def test_sse_details_survive_windowing(make_gateway, guard, upstream):
     assert text == BENIGN * 3
 
 
-def test_upstream_breaking_mid_stream_reaches_the_sdk_as_an_error(make_gateway, guard, upstream):
+def test_upstream_breaking_mid_stream_reaches_the_sdk_as_an_error(make_gateway, guard, upstream, caplog):
+    caplog.set_level(logging.INFO, logger="guardgate")
     upstream.answers = [BENIGN * 10]
     upstream.break_after_chunks = 60
     gw = make_gateway(windowed_policy(100))
@@ -212,6 +213,9 @@ def test_upstream_breaking_mid_stream_reaches_the_sdk_as_an_error(make_gateway, 
             received += "".join(c.delta.content or "" for c in chunk.choices)
     assert "broke off" in str(e.value)
     assert (BENIGN * 10).startswith(received)
+    (logged,) = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("event") == "upstream_error"]
+    assert logged["code"] == "upstream_stream_error" and logged["stream_mode"] == "windowed"
+    assert logged["request_id"] and logged["elapsed_ms"] > 0
 
 
 def test_guard_failing_mid_stream_fails_closed(make_gateway, guard, upstream):

@@ -9,7 +9,8 @@ from gateway.guard.base import Guard
 
 
 def _remote(backend: str, config: GuardConfig) -> Guard:
-    assert config.model is not None  # GuardConfig gives every remote backend its default model
+    if config.model is None:  # GuardConfig gives every remote backend its default model
+        raise ValueError(f"guard.model is required for backend {backend}")
     common: dict[str, Any] = {
         "base_urls": config.base_urls, "timeout_s": config.timeout_s, "max_concurrency": config.max_concurrency,
         "cooldown_s": config.cooldown_s,
@@ -44,5 +45,4 @@ def build_guard(config: GuardConfig) -> Guard:
 
         return CascadeGuard(EmbeddedGuard(timeout_s=config.timeout_s), _remote(config.cascade.second, config),
                             config.cascade.uncertain)
-    assert config.backend is not None  # resolved by GuardConfig
-    return _remote(config.backend, config)
+    return _remote(config.backend or "flexguard", config)

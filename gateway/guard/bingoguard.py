@@ -162,7 +162,8 @@ class BingoGuard(RemoteGuard):
         return self._body(tpl.response_task(user, neutralise_special_tokens(item.assistant or "")), logprobs=True)
 
     def severity_body(self, item: GuardInput, code: str) -> dict[str, Any]:
-        assert self.severity_rubrics is not None
+        if self.severity_rubrics is None:
+            raise GuardError("unparsable", "severity asked for without severity rubrics")
         rubric = self.severity_rubrics[tpl.SEVERITY_RUBRIC_KEYS[code]]
         task = tpl.severity_task(code, rubric, neutralise_special_tokens(item.user),
                                  neutralise_special_tokens(item.assistant or ""))

@@ -24,7 +24,7 @@ from gateway.guard.base import GuardError
 from gateway.http import PooledHTTP
 from gateway.logs import redact_url
 
-log = logging.getLogger("gateway.guard")
+log = logging.getLogger("guardgate.guard")
 
 DEFAULT_COOLDOWN_S = 10.0
 READY_TIMEOUT_S = 2.0

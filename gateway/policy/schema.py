@@ -25,7 +25,8 @@ Threshold = Annotated[Preset | int, PlainValidator(_check_threshold)]
 Category = Literal["VIO", "ILG", "SEX", "INF", "DIS", "MIS", "JAIL"]
 Action = Literal["block", "flag", "shadow"]
 
-assert set(Category.__args__) == set(HARM_CATEGORIES)  # type: ignore[attr-defined]
+if set(Category.__args__) != set(HARM_CATEGORIES):  # type: ignore[attr-defined]
+    raise ImportError("policy categories differ from the guard's category set")
 
 DEFAULT_BLOCK_MESSAGE = "This request was blocked by the content policy."
 
