@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 import orjson
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -22,6 +23,7 @@ from gateway.errors import error_response
 from gateway.guard import build_guard
 from gateway.pipeline import Gateway, bearer_token
 from gateway.policy.store import PolicyStore
+from gateway.server import InFlightLimit
 from gateway.upstream import Upstream
 
 log = logging.getLogger("guardgate")
@@ -114,6 +116,7 @@ def create_app(config: GatewayConfig) -> Starlette:
             Route("/admin/readiness", admin_readiness, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
+        middleware=[Middleware(InFlightLimit, limit=config.server.max_in_flight)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

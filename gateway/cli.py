@@ -25,19 +25,11 @@ def _serve(args: argparse.Namespace) -> int:
     from gateway.app import create_app
     from gateway.config import load_config
     from gateway.logs import configure_logging
+    from gateway.server import uvicorn_config
 
     config = load_config(args.config)
     configure_logging(config.server.log_level)
-    app = create_app(config)
-    uvicorn.run(
-        app,
-        host=args.host or config.server.host,
-        port=args.port or config.server.port,
-        log_config=None,  # our JSON logging, set up above
-        access_log=False,  # one decision line per request is logged instead
-        server_header=False,
-        lifespan="on",
-    )
+    uvicorn.Server(uvicorn_config(create_app(config), config, host=args.host, port=args.port)).run()
     return 0
 
 

@@ -24,6 +24,14 @@ class ServerConfig(_Strict):
     # Bearer key for GET /admin/readiness (tenants, policy errors, cache and guard stats); unset: no admin view.
     admin_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # What one client may hold before any of our code runs (see gateway/server.py).
+    max_header_bytes: int = Field(32 * 1024, ge=1024, description="A larger request head gets 431.")
+    max_headers: int = Field(100, ge=8, description="More header fields get 431.")
+    header_timeout_s: float = Field(10.0, gt=0, description="A request head must arrive within this (408).")
+    body_timeout_s: float = Field(30.0, gt=0, description="Longest silence while a body is uploaded (408).")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    max_connections: int = Field(2048, ge=1, description="Open connections past this get 503 overloaded.")
+    max_in_flight: int = Field(512, ge=1, description="Chat and moderation requests in flight past this get 503.")
 
 
 def _empty_is_none(v: object) -> object:
