@@ -11,7 +11,7 @@ from typing import Any
 
 import orjson
 
-from gateway.texts import ANSWER_METADATA, BadShape, answer_text, strings
+from gateway.texts import ANSWER_METADATA, CHOICE_FIELDS, BadShape, answer_text, strings
 
 _EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
 _LINE = re.compile(rb"\r\n|\n|\r")
@@ -199,6 +199,9 @@ class ChoiceTexts:
                     acc.append("message", answer_text(choice["message"]))
                 except BadShape as e:
                     raise StreamProtocolError(f"upstream sent an unreadable choice message ({e})") from None
+            for key, value in choice.items():
+                if key not in CHOICE_FIELDS and value is not None:  # not in the map: scored all the same
+                    acc.append(key, "".join(strings(value)))
             if choice.get("finish_reason") is not None:
                 acc.finished = True
             touched[index] = (acc.size, acc.finished)

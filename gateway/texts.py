@@ -30,6 +30,8 @@ MESSAGE_METADATA = frozenset({"role", "tool_call_id", "audio"})  # request `audi
 # Answer fields in the map, in the order a stream sends them; the order of the scored text.
 ANSWER_FIELDS = ("reasoning_content", "reasoning", "content", "refusal", "audio", "tool_calls", "function_call")
 ANSWER_METADATA = frozenset({"role"})
+# Choice fields around the message: any other (a completions-style `text`, a vendor field) is scored too.
+CHOICE_FIELDS = frozenset({"index", "message", "delta", "logprobs", "finish_reason", "stop_reason"})
 # Request fields outside `messages` whose text the model reads (tool and schema descriptions, predicted
 # output, vLLM's RAG documents and per-request chat template): each scored as one prompt text.
 REQUEST_TEXT_FIELDS = ("tools", "functions", "response_format", "prediction", "documents", "chat_template")
@@ -204,16 +206,17 @@ def choice_answer(choice: Any, position: int) -> tuple[int, str]:
     if not isinstance(index, int) or isinstance(index, bool):
         raise BadShape(f"choices[{position}].index is not an integer")
     message = choice.get("message")
-    if message is None:
-        return index, ""
-    if not isinstance(message, dict):
+    if message is not None and not isinstance(message, dict):
         raise BadShape(f"choices[{position}].message is not an object")
-    return index, answer_text(message)
+    text = answer_text(message) if message else ""
+    return index, _join([text, *(s for k, v in choice.items() if k not in CHOICE_FIELDS for s in strings(v))])
 
 
 def withhold_choice(choice: dict[str, Any]) -> None:
     """Blank a blocked choice in place: no text, no tool calls, no logprobs, finish_reason content_filter."""
     if isinstance(choice.get("message"), dict):
         choice["message"] = {"role": choice["message"].get("role", "assistant"), "content": None}
+    for key in [k for k in choice if k not in CHOICE_FIELDS]:
+        del choice[key]
     choice["logprobs"] = None
     choice["finish_reason"] = "content_filter"

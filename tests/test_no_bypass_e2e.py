@@ -243,3 +243,26 @@ def test_two_choices_claiming_one_index_are_scored_apart(gw, upstream):
         {"index": 0, "message": {"role": "assistant", "content": "All fine."}, "finish_reason": "stop"}]}
     r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hello"}]})
     assert r.status_code == 200 and LEAK not in r.text
+
+
+def test_text_in_a_choice_field_outside_the_message_is_scored(gw, upstream):
+    upstream.raw_body = {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Done."}, "text": f"Then {LEAK}",
+         "finish_reason": "stop"}]}
+    r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == 200 and LEAK not in r.text
+    assert r.json()["choices"][0]["finish_reason"] == "content_filter"
+
+
+@pytest.mark.parametrize("mode", ["windowed", "buffered"])
+def test_text_in_a_streamed_choice_field_outside_the_delta_is_scored(make_gateway, guard, upstream, mode):
+    guard.rules.append(Rule("explosive powder", "VIO,ILG", 88))
+    gw = make_gateway(f"response: {{stream: {mode}}}\n")
+    upstream.raw_chunks = [
+        {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {"role": "assistant"}}]},
+        {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "text": f"Then {LEAK}"}]},
+        {"object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30,
+                      json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        wire = r.read().decode()
+    assert LEAK not in wire and '"finish_reason":"content_filter"' in wire
