@@ -20,7 +20,7 @@ from gateway.openai_shapes import parse_chat_request
 from gateway.policy.schema import Policy
 from gateway.policy.store import PolicyStore
 from gateway.streaming import StreamProtocolError
-from gateway.texts import BadShape, choice_answer, request_texts, withhold_choice
+from gateway.texts import ENVELOPE_FIELDS, BadShape, choice_answer, request_texts, strings, withhold_choice
 from gateway.upstream import Upstream, response_headers
 
 log = logging.getLogger("guardgate")
@@ -152,26 +152,33 @@ class Gateway:
     async def _moderate_completion(self, report: Report, status: int, content: bytes,
                                    headers: dict[str, str], context: str) -> Response:
         """A whole chat.completion: score each choice, withhold the blocked ones."""
-        if status != 200:
+        if status >= 400:  # the provider's error: passed on as it came
             return Response(content, status_code=status, headers={**headers, **report.headers()})
+        if not 200 <= status < 300:
+            raise UpstreamError(502, f"The upstream answered HTTP {status}, which is not a chat completion; it was "
+                                     "withheld.", code="upstream_bad_response")
         try:
             doc = orjson.loads(content)
             choices = doc["choices"]
             if not isinstance(choices, list):
                 raise BadShape("choices is not a list")
             answers = [choice_answer(c, i) for i, c in enumerate(choices)]
+            # Text outside the choices belongs to none of them: it is scored with each.
+            outside = "\n".join(s for k, v in doc.items() if k not in ENVELOPE_FIELDS for s in strings(v))
         except (orjson.JSONDecodeError, KeyError, TypeError, BadShape):
             raise UpstreamError(502, "The upstream answered with a body that is not a chat completion; "
                                      "it was withheld because it cannot be scored.",
                                 code="upstream_bad_response") from None
         # Scored by position, not by `index`: two choices claiming one index are still scored apart.
-        blocked = await self._judge_answers(report, context, {pos: text for pos, (_, text) in enumerate(answers)})
+        blocked = await self._judge_answers(report, context, {
+            pos: "\n".join(t for t in (text, outside) if t) for pos, (_, text) in enumerate(answers)})
         if blocked:
             for pos in blocked:
                 withhold_choice(choices[pos])
                 report.blocked_choices.add(answers[pos][0])
+            doc = {k: v for k, v in doc.items() if k in ENVELOPE_FIELDS}
             content = orjson.dumps(doc)
-        return Response(content, status_code=200, headers={**headers, **report.headers()})
+        return Response(content, status_code=status, headers={**headers, **report.headers()})
 
     async def _judge_answers(self, report: Report, context: str, answers: dict[int, str]) -> set[int]:
         """Score each answer with the user turn it answers; the keys of the answers to withhold."""
@@ -192,7 +199,8 @@ class Gateway:
         """A streamed answer, released as the tenant's `response.stream` mode says."""
         resp = await self.upstream.send("POST", "/chat/completions", body, stream=True)
         upstream_headers = response_headers(resp)
-        if resp.status_code != 200 or "text/event-stream" not in resp.headers.get("content-type", ""):
+        media_type = resp.headers.get("content-type", "").split(";")[0].strip().lower()
+        if not 200 <= resp.status_code < 300 or media_type != "text/event-stream":
             # An error, or an upstream that ignored `stream`: an ordinary response, moderated as such.
             try:
                 content = await resp.aread()

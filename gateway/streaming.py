@@ -11,10 +11,22 @@ from typing import Any
 
 import orjson
 
-from gateway.texts import ANSWER_METADATA, CHOICE_FIELDS, BadShape, answer_text, strings
+from gateway.texts import (
+    ANSWER_METADATA,
+    CHOICE_FIELDS,
+    ENVELOPE_FIELDS,
+    BadShape,
+    answer_text,
+    check_identifier,
+    strings,
+)
 
-_EVENT_END = re.compile(rb"\r\n\r\n|\n\n|\r\r")
+# An event ends at a blank line: two line ends in a row, each CRLF, LF or CR (a CR is not the start of a CRLF).
+_EVENT_END = re.compile(rb"(?:\r\n|\r(?!\n)|\n)(?:\r\n|\r(?!\n)|\n)")
 _LINE = re.compile(rb"\r\n|\n|\r")
+# Fields other than data are passed on as they came: only short ids, event names and comments (keep-alives).
+_META_FIELD = re.compile(rb"(?:event|id|retry)(?::[ ]?[A-Za-z0-9_.:\-]{0,128})?|:[^\r\n]{0,128}")
+MAX_EVENT_BYTES = 4 * 1024 * 1024
 
 
 class StreamProtocolError(Exception):
@@ -38,6 +50,11 @@ def _parse_event(raw: bytes) -> SSEEvent:
         if line.startswith(b"data:"):
             value = line[5:]
             data_lines.append(value[1:] if value.startswith(b" ") else value)
+        elif line and not _META_FIELD.fullmatch(line):
+            # A line an SSE client may still show (a bare JSON body, a long comment or event name): we
+            # cannot tell which choice it belongs to, so it cannot be scored.
+            raise StreamProtocolError("upstream sent an SSE line that is neither data, a short field nor a "
+                                      "short comment")
     if not data_lines:
         return SSEEvent(raw, None)
     data = b"\n".join(data_lines)
@@ -55,15 +72,24 @@ class SSEParser:
 
     def __init__(self) -> None:
         self._buf = b""
+        self._scanned = 0  # the buffer before this holds no event end: never searched again
+        self._started = False
 
     def feed(self, chunk: bytes) -> list[SSEEvent]:
+        if not self._started and chunk:
+            self._started = True
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a leading BOM, which SSE clients drop
         self._buf += chunk
         events: list[SSEEvent] = []
         while True:
-            m = _EVENT_END.search(self._buf)
+            m = _EVENT_END.search(self._buf, max(0, self._scanned - 3))
             if not m:
+                self._scanned = len(self._buf)
+                if len(self._buf) > MAX_EVENT_BYTES:
+                    raise StreamProtocolError(f"upstream sent an SSE event over {MAX_EVENT_BYTES} bytes")
                 return events
             raw, self._buf = self._buf[: m.end()], self._buf[m.end():]
+            self._scanned = 0
             if raw.strip():
                 events.append(_parse_event(raw))
 
@@ -117,6 +143,11 @@ class _ChoiceText:
         return message
 
 
+def choice_index(choice: dict[str, Any]) -> int:
+    """A streamed choice's index (absent or null: 0), the one reading used by scoring and by release."""
+    return _int(choice.get("index"), 0, "choice index")
+
+
 def _int(value: Any, default: int, where: str) -> int:
     if value is None:
         return default
@@ -130,7 +161,10 @@ def _add_delta(acc: _ChoiceText, delta: Any) -> None:
     if not isinstance(delta, dict):
         raise StreamProtocolError("upstream sent a choice delta that is not an object")
     for key, value in delta.items():
-        if value is None or key in ANSWER_METADATA:
+        if value is None:
+            continue
+        if key in ANSWER_METADATA:
+            check_identifier(value, f"delta.{key}")
             continue
         if key in _DELTA_STRINGS:
             if not isinstance(value, str):
@@ -146,6 +180,7 @@ def _add_delta(acc: _ChoiceText, delta: Any) -> None:
         elif key == "audio":
             if not isinstance(value, dict) or not isinstance(value.get("transcript") or "", str):
                 raise StreamProtocolError("upstream sent a delta.audio that is not an object")
+            check_identifier(value.get("id"), "delta.audio.id")
             acc.append("transcript", value.get("transcript") or "")
         elif key == "tool_calls":
             if not isinstance(value, list):
@@ -153,6 +188,8 @@ def _add_delta(acc: _ChoiceText, delta: Any) -> None:
             for call in value:
                 if not isinstance(call, dict):
                     raise StreamProtocolError("upstream sent a tool call delta that is not an object")
+                check_identifier(call.get("id"), "tool call id")
+                check_identifier(call.get("type"), "tool call type")
                 slot = acc.tool_calls.setdefault(_int(call.get("index"), 0, "tool call index"), {})
                 if call.get("function") is not None:
                     acc.append_call(slot, call["function"], "tool call function")
@@ -174,22 +211,34 @@ class ChoiceTexts:
     def add(self, event: SSEEvent) -> dict[int, tuple[int, bool]]:
         """Take one event; for each choice it carries: (that choice's size after it, whether it finished it).
         Raises StreamProtocolError for a chunk whose shape cannot be read (so its text cannot be scored)."""
+        try:
+            return self._add(event)
+        except BadShape as e:
+            raise StreamProtocolError(f"upstream sent an unreadable chunk ({e})") from None
+
+    def _add(self, event: SSEEvent) -> dict[int, tuple[int, bool]]:
         chunk = event.json
         touched: dict[int, tuple[int, bool]] = {}
         if event.data is None or event.is_done:
             return touched
         if not isinstance(chunk, dict):
             raise StreamProtocolError("upstream sent a stream event that is not a JSON object")
+        if "error" in chunk:  # its message is the upstream's text, not ours to pass on unscored
+            raise StreamProtocolError("upstream reported an error in the stream")
         choices = chunk.get("choices")
-        if choices is None:
-            return touched
-        if not isinstance(choices, list):
+        if choices is not None and not isinstance(choices, list):
             raise StreamProtocolError("upstream sent 'choices' that is not a list")
-        for choice in choices:
+        # Text outside the choices belongs to none of them: it is scored with each choice of its chunk.
+        envelope_text = "".join(s for k, v in chunk.items() if k not in ENVELOPE_FIELDS for s in strings(v))
+        if envelope_text and not choices:
+            choices = [{"index": 0}]
+        for choice in choices or []:
             if not isinstance(choice, dict):
                 raise StreamProtocolError("upstream sent a choice that is not an object")
-            index = _int(choice.get("index"), 0, "choice index")
+            index = choice_index(choice)
+            check_identifier(choice.get("finish_reason"), "finish_reason")
             acc = self._choices.setdefault(index, _ChoiceText())
+            acc.append("envelope", envelope_text)
             if choice.get("delta") is not None:
                 _add_delta(acc, choice["delta"])
             if choice.get("message") is not None:  # some servers repeat the whole message in a chunk
@@ -200,7 +249,8 @@ class ChoiceTexts:
                 except BadShape as e:
                     raise StreamProtocolError(f"upstream sent an unreadable choice message ({e})") from None
             for key, value in choice.items():
-                if key not in CHOICE_FIELDS and value is not None:  # not in the map: scored all the same
+                if key not in CHOICE_FIELDS and key not in ("delta", "message") and value is not None:
+                    # not in the map: scored all the same
                     acc.append(key, "".join(strings(value)))
             if choice.get("finish_reason") is not None:
                 acc.finished = True
@@ -226,6 +276,12 @@ class ChoiceTexts:
 
 def _event_bytes(obj: Any) -> bytes:
     return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+def _rewritten(chunk: dict[str, Any], choices: list[Any]) -> dict[str, Any]:
+    """A chunk that lost a blocked choice: the kept choices, and none of the chunk's fields outside the map
+    (their text was scored with the blocked choice)."""
+    return {**{k: v for k, v in chunk.items() if k in ENVELOPE_FIELDS}, "choices": choices}
 
 
 def _content_filter_chunk(envelope: dict[str, Any], index: int) -> dict[str, Any]:
@@ -255,16 +311,20 @@ def withhold_choices(events: Iterable[SSEEvent], blocked: set[int]) -> Iterator[
             yield from pending_finishes()
             yield event.raw
             return
-        if not isinstance(chunk, dict) or not isinstance(chunk.get("choices"), list):
+        if not isinstance(chunk, dict):
             yield event.raw
             continue
-        envelope = chunk
-        if not any(isinstance(c, dict) and c.get("index", 0) in blocked for c in chunk["choices"]):
+        choices = chunk.get("choices") or []
+        if choices:
+            envelope = chunk
+        outside = any(k not in ENVELOPE_FIELDS for k in chunk)  # scored with every choice, or choice 0
+        carried = {choice_index(c) for c in choices} or ({0} if outside else set())
+        if not carried & blocked:
             yield event.raw
             continue
         kept = []
-        for choice in chunk["choices"]:
-            index = choice.get("index", 0)
+        for choice in choices:
+            index = choice_index(choice)
             if index not in blocked:
                 kept.append(choice)
             elif choice.get("finish_reason") is not None and index not in finished:
@@ -274,7 +334,7 @@ def withhold_choices(events: Iterable[SSEEvent], blocked: set[int]) -> Iterator[
                 kept.append({"index": index, "delta": {"role": choice["delta"]["role"], "content": ""},
                              "logprobs": None, "finish_reason": None})
         if kept or chunk.get("usage"):
-            yield _event_bytes({**chunk, "choices": kept})
+            yield _event_bytes(_rewritten(chunk, kept))
     yield from pending_finishes()
     yield b"data: [DONE]\n\n"
 
@@ -366,15 +426,15 @@ class HoldBack:
                 continue
             chunk = held.event.json
             kept = []
-            for choice in chunk["choices"]:
-                index = choice.get("index", 0)
+            for choice in chunk.get("choices") or []:
+                index = choice_index(choice)
                 if index not in dropped:
                     kept.append(choice)
                 elif index not in self._filtered:
                     self._filtered.add(index)
                     kept.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": "content_filter"})
             if kept or chunk.get("usage"):
-                yield _event_bytes({**chunk, "choices": kept})
+                yield _event_bytes(_rewritten(chunk, kept))
 
     def _pending_filters(self) -> Iterator[bytes]:
         for index in sorted(set(self._blocked) - self._filtered):

@@ -12,6 +12,7 @@ refused with a 400 naming it, because its meaning to the model cannot be known.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -26,15 +27,22 @@ TEXT_PARTS: dict[str, str] = {"text": "text", "input_text": "text", "output_text
 MEDIA_PARTS = frozenset({"image_url", "input_image", "input_audio", "audio_url", "video_url", "file",
                          "input_file", "image_embeds", "audio_embeds"})
 # Message fields that carry no text a model reads as such.
-MESSAGE_METADATA = frozenset({"role", "tool_call_id", "audio"})  # request `audio` is {"id": …} of an earlier answer
+MESSAGE_METADATA = frozenset({"role", "tool_call_id"})  # identifiers (checked), not text
 # Answer fields in the map, in the order a stream sends them; the order of the scored text.
 ANSWER_FIELDS = ("reasoning_content", "reasoning", "content", "refusal", "audio", "tool_calls", "function_call")
 ANSWER_METADATA = frozenset({"role"})
-# Choice fields around the message: any other (a completions-style `text`, a vendor field) is scored too.
-CHOICE_FIELDS = frozenset({"index", "message", "delta", "logprobs", "finish_reason", "stop_reason"})
+# Choice fields around the message: any other (a completions-style `text`, `stop_reason`'s stop string, a
+# vendor field) is scored too.
+CHOICE_FIELDS = frozenset({"index", "logprobs", "finish_reason"})  # and `message` (whole) or `delta` (streamed)
+# Top-level fields of a completion or chunk; the strings of any other are scored with every choice in it.
+ENVELOPE_FIELDS = frozenset({"id", "object", "created", "model", "system_fingerprint", "choices", "usage",
+                             "service_tier", "obfuscation"})
 # Request fields outside `messages` whose text the model reads (tool and schema descriptions, predicted
-# output, vLLM's RAG documents and per-request chat template): each scored as one prompt text.
-REQUEST_TEXT_FIELDS = ("tools", "functions", "response_format", "prediction", "documents", "chat_template")
+# output, vLLM's RAG documents, per-request chat template and its variables): each scored as one prompt text.
+REQUEST_TEXT_FIELDS = ("tools", "functions", "response_format", "prediction", "documents", "chat_template",
+                       "chat_template_kwargs")
+# Roles, ids, types and finish reasons are passed on unscored, so they may only look like identifiers.
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:\-]{0,128}")
 
 Scope = Literal["conversation", "last_user_turn"]
 
@@ -43,17 +51,26 @@ class BadShape(ValueError):
     """An answer field has a shape we cannot read, so cannot score."""
 
 
+def check_identifier(value: Any, where: str) -> None:
+    """Raises BadShape unless `value` is absent or a short identifier (it is released unscored)."""
+    if value is not None and not (isinstance(value, str) and _IDENTIFIER.fullmatch(value)):
+        raise BadShape(f"{where} is not an identifier (at most 128 of A-Z a-z 0-9 _ . : -)")
+
+
 def strings(value: Any) -> Iterator[str]:
-    """Every string in a JSON value, dict keys included, depth first."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for k, v in value.items():
-            yield str(k)
-            yield from strings(v)
-    elif isinstance(value, list):
-        for v in value:
-            yield from strings(v)
+    """Every string in a JSON value, dict keys included, depth first (without recursion: JSON may nest
+    a thousand levels deep)."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            yield v
+        elif isinstance(v, dict):
+            for k, item in reversed(v.items()):
+                stack.append(item)
+                stack.append(str(k))
+        elif isinstance(v, list):
+            stack.extend(reversed(v))
 
 
 def _join(parts: list[str]) -> str:
@@ -117,6 +134,12 @@ def request_texts(body: Mapping[str, Any], scope: Scope = "conversation") -> Req
             out.labels.append(label)
 
     for i, message in enumerate(messages):
+        try:
+            check_identifier(message.get("role"), "its role")
+            check_identifier(message.get("tool_call_id"), "its tool_call_id")
+        except BadShape as e:
+            raise ClientError(400, f"Invalid value for 'messages[{i}]': {e}.", param=f"messages[{i}]",
+                              code="invalid_value") from None
         if message.get("role") == "assistant":
             if scope == "conversation":
                 try:
@@ -156,6 +179,7 @@ def _call_text(fn: Any, where: str) -> str:
 def answer_text(message: Mapping[str, Any]) -> str:
     """Everything in an assistant message a reader would see, as one text. Raises BadShape."""
     parts: list[str] = []
+    check_identifier(message.get("role"), "message.role")
     for key in ("reasoning_content", "reasoning", "refusal"):
         value = message.get(key)
         if value is not None and not isinstance(value, str):
@@ -179,6 +203,7 @@ def answer_text(message: Mapping[str, Any]) -> str:
     if audio is not None:
         if not isinstance(audio, dict) or not isinstance(audio.get("transcript") or "", str):
             raise BadShape("message.audio is not an object with a string transcript")
+        check_identifier(audio.get("id"), "message.audio.id")
         parts.append(audio.get("transcript") or "")
     calls = message.get("tool_calls")
     if calls is not None:
@@ -187,6 +212,8 @@ def answer_text(message: Mapping[str, Any]) -> str:
         for j, call in enumerate(calls):
             if not isinstance(call, dict):
                 raise BadShape(f"message.tool_calls[{j}] is not an object")
+            check_identifier(call.get("id"), f"message.tool_calls[{j}].id")
+            check_identifier(call.get("type"), f"message.tool_calls[{j}].type")
             if call.get("function") is not None:
                 parts.append(_call_text(call["function"], f"message.tool_calls[{j}].function"))
             parts += (s for k, v in call.items() if k not in ("id", "type", "index", "function") for s in strings(v))
@@ -205,18 +232,20 @@ def choice_answer(choice: Any, position: int) -> tuple[int, str]:
     index = choice.get("index", position)
     if not isinstance(index, int) or isinstance(index, bool):
         raise BadShape(f"choices[{position}].index is not an integer")
+    check_identifier(choice.get("finish_reason"), f"choices[{position}].finish_reason")
     message = choice.get("message")
     if message is not None and not isinstance(message, dict):
         raise BadShape(f"choices[{position}].message is not an object")
     text = answer_text(message) if message else ""
-    return index, _join([text, *(s for k, v in choice.items() if k not in CHOICE_FIELDS for s in strings(v))])
+    outside = (s for k, v in choice.items() if k not in CHOICE_FIELDS and k != "message" for s in strings(v))
+    return index, _join([text, *outside])
 
 
 def withhold_choice(choice: dict[str, Any]) -> None:
     """Blank a blocked choice in place: no text, no tool calls, no logprobs, finish_reason content_filter."""
     if isinstance(choice.get("message"), dict):
         choice["message"] = {"role": choice["message"].get("role", "assistant"), "content": None}
-    for key in [k for k in choice if k not in CHOICE_FIELDS]:
+    for key in [k for k in choice if k not in CHOICE_FIELDS and k != "message"]:
         del choice[key]
     choice["logprobs"] = None
     choice["finish_reason"] = "content_filter"

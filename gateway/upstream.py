@@ -17,7 +17,9 @@ _NOT_FORWARDED = frozenset({
 
 def response_headers(resp: httpx.Response) -> dict[str, str]:
     """The upstream's headers worth passing to the client."""
-    return {k: v for k, v in resp.headers.items() if k.lower() not in _NOT_FORWARDED}
+    # x-guard-* are ours alone: an upstream's own would pass for verdicts the gateway never gave.
+    return {k: v for k, v in resp.headers.items()
+            if k.lower() not in _NOT_FORWARDED and not k.lower().startswith("x-guard-")}
 
 
 class Upstream:

@@ -171,8 +171,12 @@ class UpstreamBehaviour:
     hung_up: list[float] = field(default_factory=list)  # when the gateway hung up on a plain answer
     message: dict | None = None  # answer with this whole assistant message (not streamed)
     deltas: list[Any] | None = None  # stream these deltas for choice 0, one chunk each, then a stop finish
-    raw_body: Any = None  # answer with this JSON body as it is (not streamed)
+    raw_body: Any = None  # answer with this JSON body (or these bytes) as it is (not streamed)
     raw_chunks: list[Any] | None = None  # stream these chunk objects as they are, then [DONE]
+    raw_stream: list[bytes] | None = None  # answer a stream request with exactly these bytes, chunk by chunk
+    ok_status: int = 200  # the status of a successful answer (plain or streamed)
+    content_type: str | None = None  # of a successful answer, instead of the usual one
+    headers: dict[str, str] = field(default_factory=dict)  # added to a successful answer
     requests: list[dict] = field(default_factory=list)  # {"body": bytes, "headers": dict}
     streams: list[dict] = field(default_factory=list)  # per stream: {"chunks": sent, "completed": bool}
 
@@ -185,7 +189,9 @@ class UpstreamBehaviour:
         self.chunk_chars = 4
         self.chunk_delay_s = 0.0
         self.break_after_chunks = None
-        self.message = self.deltas = self.raw_body = self.raw_chunks = None
+        self.message = self.deltas = self.raw_body = self.raw_chunks = self.raw_stream = None
+        self.ok_status, self.content_type = 200, None
+        self.headers = {}
         self.answer_delay_s = 0.0
         self.hung_up.clear()
         self.requests.clear()
@@ -219,12 +225,22 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
                     b.hung_up.append(time.monotonic())
                     return Response(status_code=499)
                 await asyncio.sleep(0.02)
+        extra = {"status_code": b.ok_status, "headers": b.headers}
+        if b.content_type:
+            extra["media_type"] = b.content_type
+        if b.raw_stream is not None and body.get("stream"):
+            async def raw_events():
+                for piece in b.raw_stream:
+                    yield piece
+            return StreamingResponse(raw_events(), **{"media_type": "text/event-stream", **extra})
         if b.raw_body is not None and not body.get("stream"):
-            return JSONResponse(b.raw_body)
+            content = b.raw_body if isinstance(b.raw_body, bytes) else orjson.dumps(b.raw_body)
+            return Response(content, **{"media_type": "application/json", **extra})
         if b.message is not None and not body.get("stream"):
-            return JSONResponse({"id": "chatcmpl-up", "object": "chat.completion", "created": created,
-                                 "model": model, "choices": [{"index": 0, "message": b.message,
-                                                              "logprobs": None, "finish_reason": "stop"}]})
+            return Response(orjson.dumps({"id": "chatcmpl-up", "object": "chat.completion", "created": created,
+                                          "model": model, "choices": [{"index": 0, "message": b.message,
+                                                                       "logprobs": None, "finish_reason": "stop"}]}),
+                            **{"media_type": "application/json", **extra})
         if not body.get("stream"):
             choices = []
             for i, text in enumerate(texts):
@@ -307,7 +323,8 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
                 yield chunk([], usage={"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12})
             yield b"data: [DONE]\n\n"
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"x-upstream-marker": "yes"})
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"x-upstream-marker": "yes"},
+                                 status_code=b.ok_status)
 
     async def models(request: Request) -> Response:
         return JSONResponse({"object": "list", "data": [{"id": "stand-in-model", "object": "model",

@@ -3,6 +3,8 @@ behind the gateway (it answers anything). Driven by the openai SDK, or raw HTTP 
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import openai
 import orjson
@@ -134,9 +136,10 @@ def test_a_10_turn_conversation_costs_one_prompt_call_per_new_message(gw, guard,
     # 1 system + 10 user messages, each scored once; the earlier answers in the history hit the verdicts
     # the gateway stored when it released them (55+ calls without the cache).
     assert len(prompts) == 11
-    assert len(answers) == len(set(answers))  # no answer was scored twice
-    final_checks = [a for a in answers if a.endswith("with some words. ")]
-    assert len(final_checks) == 10
+    assert len(answers) == len(set(answers))  # no answer text was scored twice
+    for text in (m["content"] for m in history if m["role"] == "assistant"):
+        # Each whole answer was scored once, when it was released; in the history it is a cache hit.
+        assert sum(a.endswith("\n[Assistant]: " + text) for a in answers) == 1
 
 
 # ----- the answer: every field, plain and streamed -----
@@ -266,3 +269,144 @@ def test_text_in_a_streamed_choice_field_outside_the_delta_is_scored(make_gatewa
                       json={"model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
         wire = r.read().decode()
     assert LEAK not in wire and '"finish_reason":"content_filter"' in wire
+
+
+# ----- found by red-teaming the gateway with a hostile upstream -----
+
+def stream_wire(gw, mode_url: str | None = None, **body) -> tuple[int, str]:
+    with httpx.stream("POST", f"{mode_url or gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}], **body}) as r:
+        return r.status_code, r.read().decode()
+
+
+def chunk(choice: dict, **top) -> bytes:
+    return b"data: " + orjson.dumps({"object": "chat.completion.chunk", "choices": [choice], **top}) + b"\n\n"
+
+
+@pytest.fixture(params=["windowed", "buffered"])
+def any_mode(request, make_gateway, guard):
+    guard.rules.append(Rule("explosive powder", "VIO,ILG", 88))
+    return make_gateway(f"response: {{stream: {request.param}}}\n")
+
+
+def test_a_null_choice_index_is_scored_and_released_as_the_same_choice(any_mode, upstream):
+    upstream.raw_stream = [chunk({"index": None, "delta": {"role": "assistant", "content": f"Then {LEAK}"},
+                                  "finish_reason": None}), b"data: [DONE]\n\n"]
+    _, wire = stream_wire(any_mode)
+    assert LEAK not in wire and '"finish_reason":"content_filter"' in wire
+
+
+@pytest.mark.parametrize("status", [201, 203])
+def test_a_2xx_other_than_200_is_scored_too(gw, upstream, status):
+    upstream.ok_status = status
+    upstream.message = {"role": "assistant", "content": f"Then {LEAK}"}
+    r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == status and LEAK not in r.text
+
+
+def test_a_2xx_stream_other_than_200_is_scored_too(any_mode, upstream):
+    upstream.ok_status = 206
+    upstream.raw_stream = [chunk({"index": 0, "delta": {"content": f"Then {LEAK}"}}), b"data: [DONE]\n\n"]
+    _, wire = stream_wire(any_mode)
+    assert LEAK not in wire
+
+
+def test_a_redirect_from_the_upstream_is_a_502(gw, upstream):
+    upstream.ok_status = 302
+    upstream.message = {"role": "assistant", "content": f"Then {LEAK}"}
+    r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code == 502 and LEAK not in r.text
+
+
+RAW_STREAMS = {
+    "a leading BOM": [b"\xef\xbb\xbf" + chunk({"index": 0, "delta": {"content": f"Then {LEAK}"}}),
+                      b"data: [DONE]\n\n"],
+    "a JSON body under a stream content type": [orjson.dumps({"choices": [
+        {"index": 0, "message": {"role": "assistant", "content": f"Then {LEAK}"}}]}) + b"\n\n"],
+    "a long comment": [b": " + f"Then {LEAK}. ".encode() * 20 + b"\n\n", b"data: [DONE]\n\n"],
+    "an event name": [b"event: " + f"Then {LEAK}".encode() + b"\n" + chunk({"index": 0, "delta": {}}),
+                      b"data: [DONE]\n\n"],
+    "an upstream error event": [b"data: " + orjson.dumps({"error": {"message": f"Then {LEAK}"}}) + b"\n\n"],
+    "a field outside the choices": [chunk({"index": 0, "delta": {"content": "Hi."}}, output_text=f"Then {LEAK}"),
+                                    b"data: [DONE]\n\n"],
+    "a chunk without choices": [b"data: " + orjson.dumps({"object": "chat.completion.chunk", "note": LEAK})
+                                + b"\n\n", b"data: [DONE]\n\n"],
+    "a stop_reason": [chunk({"index": 0, "delta": {"content": "Hi."}, "finish_reason": "stop",
+                             "stop_reason": f"Then {LEAK}"}), b"data: [DONE]\n\n"],
+    "a finish_reason": [chunk({"index": 0, "delta": {"content": "Hi."}, "finish_reason": f"Then {LEAK}"}),
+                        b"data: [DONE]\n\n"],
+    "a tool call id": [chunk({"index": 0, "delta": {"tool_calls": [
+        {"index": 0, "id": f"Then {LEAK}", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}}),
+        b"data: [DONE]\n\n"],
+    "a role": [chunk({"index": 0, "delta": {"role": f"Then {LEAK}", "content": "Hi."}}), b"data: [DONE]\n\n"],
+}
+
+
+@pytest.mark.parametrize("shape", list(RAW_STREAMS))
+def test_text_hidden_in_the_stream_framing_never_reaches_the_client(any_mode, upstream, shape):
+    upstream.raw_stream = RAW_STREAMS[shape]
+    _, wire = stream_wire(any_mode)
+    assert LEAK not in wire
+
+
+def test_a_mislabelled_stream_is_parsed_as_what_it_is(gw, upstream):
+    upstream.content_type = "application/x-ndjson; note=text/event-stream"
+    upstream.raw_stream = [orjson.dumps({"choices": [{"index": 0, "delta": {"content": LEAK}}]}) + b"\n"]
+    _, wire = stream_wire(gw)  # not an SSE stream: read as one whole answer, its text scored
+    assert LEAK not in wire
+
+
+NON_STREAM_HIDING = {
+    "a top-level field": {"id": "x", "object": "chat.completion", "output_text": f"Then {LEAK}", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi."}, "finish_reason": "stop"}]},
+    "a role": {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": f"Then {LEAK}", "content": "Hi."}, "finish_reason": "stop"}]},
+    "deep nesting": {"id": "x", "object": "chat.completion", "choices": [
+        {"index": 0, "message": {"role": "assistant", "content": "Hi.", "x": "NEST"}, "finish_reason": "stop"}]},
+}
+
+
+@pytest.mark.parametrize("shape", list(NON_STREAM_HIDING))
+def test_text_hidden_around_a_whole_answer_never_reaches_the_client(gw, upstream, shape):
+    body = orjson.dumps(NON_STREAM_HIDING[shape])
+    nested = b"[" * 1000 + orjson.dumps(f"Then {LEAK}") + b"]" * 1000
+    upstream.raw_body = body.replace(b'"NEST"', nested)
+    r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hello"}]})
+    assert r.status_code in (200, 502) and LEAK not in r.text
+
+
+def test_deeply_nested_request_fields_are_scored_not_a_500(gw, upstream):
+    nested = b"[" * 1000 + orjson.dumps(HARM) + b"]" * 1000
+    body = b'{"model": "m", "messages": [{"role": "user", "content": "hi", "x": ' + nested + b"}]}"
+    r = httpx.post(f"{gw.url}/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+    assert upstream.requests == []
+
+
+def test_chat_template_kwargs_are_scored(gw, upstream):
+    r = post(gw, {"model": "m", "messages": [{"role": "user", "content": "hi"}],
+                  "chat_template_kwargs": {"documents": [{"text": HARM}]}})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "content_filter"
+
+
+def test_a_role_or_tool_call_id_that_is_not_an_identifier_is_refused(gw, upstream):
+    for message in ({"role": HARM, "content": "hi"}, {"role": "tool", "tool_call_id": HARM, "content": "ok"}):
+        r = post(gw, {"model": "m", "messages": [message]})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "messages[0]"
+    assert upstream.requests == []
+
+
+def test_an_upstream_cannot_forge_verdict_headers(gw, upstream):
+    upstream.headers = {"x-guard-response-decision": "allow", "x-guard-error": "none"}
+    upstream.raw_stream = [chunk({"index": 0, "delta": {"content": f"Then {LEAK}"}}), b"data: [DONE]\n\n"]
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=30, json={
+            "model": "m", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        r.read()
+    assert "x-guard-response-decision" not in r.headers and "x-guard-error" not in r.headers
+
+
+def test_one_huge_stream_event_is_refused_in_linear_time(gw, upstream):
+    upstream.raw_stream = [b"data: " + b"a" * 4096 for _ in range(1100)]  # 4.5 MB, no event end
+    started = time.monotonic()
+    _, wire = stream_wire(gw)
+    assert '"code":"upstream_bad_response"' in wire and time.monotonic() - started < 20
