@@ -12,7 +12,7 @@ import re
 
 # Part of the guard's identity (so of every cache key): bump it when the rewriting below changes,
 # since the same user text then reaches the guard differently.
-SANITIZER_VERSION = 1
+SANITIZER_VERSION = 2
 
 # Angle-bracket control tokens of the common chat templates:
 #   <|im_start|> <|im_end|> <|endoftext|>                     Qwen / ChatML
@@ -26,11 +26,16 @@ _ANGLE_TOKEN = re.compile(
     r"<\|[^<>|\n]{0,64}\|>"
     r"|<｜[^<>｜\n]{0,64}｜>"
     r"|</?(?:s|unk|pad|bos|eos|mask|think|tool_call|tool_response|tools|start_of_turn|end_of_turn)>"
-    r"|<</?SYS>>",
+    r"|<</?SYS>>"
+    # The guards' own framing (BingoGuard): a forged end of the conversation it is asked about.
+    r"|<(?:BEGIN|END) (?:CONVERSATION|UNSAFE CONTENT CATEGORIES)>",
     re.IGNORECASE,
 )
-# Square-bracket instruction markers of Llama 2 / Mistral: [INST] [/INST] [SYSTEM_PROMPT] ...
-_SQUARE_TOKEN = re.compile(r"\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS)\]", re.IGNORECASE)
+# Square-bracket instruction markers of Llama 2 / Mistral: [INST] [/INST] [SYSTEM_PROMPT] ..., and the speaker
+# labels of the guards' own templates ([User]: … [Assistant]: … [Agent]: … [Response]: …), so that a user
+# cannot forge a turn inside the text the guard classifies.
+_SQUARE_TOKEN = re.compile(r"\[/?(?:INST|SYSTEM_PROMPT|AVAILABLE_TOOLS|TOOL_CALLS|TOOL_RESULTS"
+                           r"|User|Assistant|Agent|Response)\]", re.IGNORECASE)
 
 _ANGLE_SWAP = str.maketrans({"<": "‹", ">": "›"})
 _SQUARE_SWAP = str.maketrans({"[": "⁅", "]": "⁆"})
