@@ -477,6 +477,7 @@ def main() -> None:
     parser.add_argument("kind", choices=["guard", "upstream"])
     parser.add_argument("port", type=int)
     parser.add_argument("--delay-ms", type=float, default=0.0, help="guard: time each answer takes")
+    parser.add_argument("--failure", choices=["500", "garbage"], help="guard: answer every call this way")
     parser.add_argument("--rule", action="append", default=[], metavar="TRIGGER=CATEGORIES:RISK",
                         help="guard: answer CATEGORIES and RISK for texts containing TRIGGER")
     parser.add_argument("--answer", help="upstream: answer this text (default: echo the prompt)")
@@ -488,7 +489,7 @@ def main() -> None:
             trigger, _, verdict = spec.rpartition("=")
             categories, _, risk = verdict.partition(":")
             rules.append(Rule(trigger, categories, int(risk)))
-        app = guard_app(GuardBehaviour(delay_s=args.delay_ms / 1000, rules=rules))
+        app = guard_app(GuardBehaviour(delay_s=args.delay_ms / 1000, rules=rules, failure=args.failure))
     else:
         app = upstream_app(UpstreamBehaviour(answers=[args.answer] if args.answer else None,
                                              chunk_delay_s=args.chunk_delay_ms / 1000))
