@@ -235,7 +235,8 @@ async def load(base: str, args: argparse.Namespace) -> Tally:
     tally, rng, issued = Tally(), random.Random(args.seed), 0
     url = f"{base}/v1/chat/completions"
     deadline = time.monotonic() + args.max_seconds
-    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency)
+    limits = httpx.Limits(max_connections=args.concurrency, max_keepalive_connections=args.concurrency,
+                          keepalive_expiry=5.0)  # httpx's and the openai SDK's default
     async with httpx.AsyncClient(timeout=args.timeout, limits=limits) as client:
 
         async def worker() -> None:

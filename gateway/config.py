@@ -29,7 +29,9 @@ class ServerConfig(_Strict):
     max_headers: int = Field(100, ge=8, description="More header fields get 431.")
     header_timeout_s: float = Field(10.0, gt=0, description="A request head must arrive within this (408).")
     body_timeout_s: float = Field(30.0, gt=0, description="Longest silence while a body is uploaded (408).")
-    keep_alive_timeout_s: float = Field(5.0, gt=0, description="An idle keep-alive connection is closed after this.")
+    # Longer than clients' own (httpx and the openai SDK drop idle connections after 5 s): a server that
+    # closes first races the client's next request on that connection.
+    keep_alive_timeout_s: float = Field(15.0, gt=0, description="An idle keep-alive connection is closed after this.")
     max_connections: int = Field(2048, ge=1, description="Open connections past this get 503 overloaded.")
     max_in_flight: int = Field(512, ge=1, description="Chat and moderation requests in flight past this get 503.")
 
