@@ -469,6 +469,13 @@ def duoguard_app(b: DuoBehaviour) -> Starlette:
     return vllm_server(b, "/classify", classify)
 
 
+class _Unrecorded(list):
+    """A request log that keeps nothing: a stand-in serving a benchmark's millions of requests."""
+
+    def append(self, item: Any) -> None:
+        pass
+
+
 def main() -> None:
     """`python -m tests.standins guard|upstream PORT [--delay-ms N]`: serve a stand-in in its own process."""
     import argparse
@@ -489,10 +496,14 @@ def main() -> None:
             trigger, _, verdict = spec.rpartition("=")
             categories, _, risk = verdict.partition(":")
             rules.append(Rule(trigger, categories, int(risk)))
-        app = guard_app(GuardBehaviour(delay_s=args.delay_ms / 1000, rules=rules, failure=args.failure))
+        guard = GuardBehaviour(delay_s=args.delay_ms / 1000, rules=rules, failure=args.failure)
+        guard.requests, guard.timings = _Unrecorded(), _Unrecorded()
+        app = guard_app(guard)
     else:
-        app = upstream_app(UpstreamBehaviour(answers=[args.answer] if args.answer else None,
-                                             chunk_delay_s=args.chunk_delay_ms / 1000))
+        upstream = UpstreamBehaviour(answers=[args.answer] if args.answer else None,
+                                     chunk_delay_s=args.chunk_delay_ms / 1000)
+        upstream.requests, upstream.streams = _Unrecorded(), _Unrecorded()
+        app = upstream_app(upstream)
     uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
 
 
