@@ -7,6 +7,7 @@ import contextlib
 import hashlib
 import hmac
 import logging
+import os
 from collections.abc import AsyncIterator
 
 import orjson
@@ -21,6 +22,7 @@ from gateway.cache import VerdictCache
 from gateway.config import GatewayConfig
 from gateway.errors import error_response
 from gateway.guard import build_guard
+from gateway.logs import logs_off_the_loop
 from gateway.pipeline import Gateway, bearer_token
 from gateway.policy.store import PolicyStore
 from gateway.server import InFlightLimit
@@ -53,7 +55,8 @@ def create_app(config: GatewayConfig) -> Starlette:
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         watcher = asyncio.create_task(gateway.policies.watch()) if config.policies_reload_s else None
         try:
-            yield
+            with logs_off_the_loop():
+                yield
         finally:
             if watcher:
                 watcher.cancel()
@@ -87,7 +90,8 @@ def create_app(config: GatewayConfig) -> Starlette:
             return error_response(401, "Send the gateway's server.admin_key as 'Authorization: Bearer <key>'.",
                                   code="invalid_api_key")
         ready, checks = await gateway.readiness()
-        body = {"status": "ready" if ready else "not ready", "checks": checks}
+        # pid: which worker process answered (with server.workers > 1, each keeps its own counters).
+        body = {"status": "ready" if ready else "not ready", "pid": os.getpid(), "checks": checks}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
 
     async def http_error(request: Request, exc: Exception) -> Response:

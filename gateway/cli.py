@@ -1,4 +1,4 @@
-"""`guardgate serve --config gateway.yaml [--host H] [--port P]`."""
+"""`guardgate serve --config gateway.yaml [--host H] [--port P] [--workers N]`, and the other commands."""
 
 from __future__ import annotations
 
@@ -19,7 +19,15 @@ def _risk(value: str) -> int:
     return risk
 
 
+def _positive(value: str) -> int:
+    if not value.isdigit() or int(value) < 1:
+        raise argparse.ArgumentTypeError("expected an integer of 1 or more")
+    return int(value)
+
+
 def _serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvicorn
 
     from gateway.app import create_app
@@ -29,8 +37,20 @@ def _serve(args: argparse.Namespace) -> int:
 
     config = load_config(args.config)
     configure_logging(config.server.log_level)
-    uvicorn.Server(uvicorn_config(create_app(config), config, host=args.host, port=args.port)).run()
-    return 0
+    workers = args.workers or config.server.workers
+    if workers == 1:
+        uvicorn.Server(uvicorn_config(create_app(config), config, host=args.host, port=args.port)).run()
+        return 0
+    from gateway.policy.store import PolicyStore
+    from gateway.workers import Supervisor
+
+    port = args.port or config.server.port
+    # Refused here, once, rather than by every worker: a bad policy file or a port that cannot be shared.
+    PolicyStore(config.policies_dir, 0, allow_open=config.server.allow_open)
+    if not config.cache.redis_url:
+        logging.getLogger("guardgate").warning("several workers without cache.redis_url: each caches verdicts "
+                                               "alone", extra={"fields": {"event": "workers_without_redis"}})
+    return Supervisor(Path(args.config), args.host or config.server.host, port, workers).run()
 
 
 def _policies_dir(args: argparse.Namespace) -> Path:
@@ -144,6 +164,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--config", required=True, help="gateway config file (YAML)")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=_positive, help="override server.workers: gateway processes on the port")
     serve.set_defaults(func=_serve)
 
     policy = sub.add_parser("policy", help="check and explain policies").add_subparsers(dest="policy_command",

@@ -17,6 +17,8 @@ class _Strict(BaseModel):
 class ServerConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
+    # Gateway processes on the port (SO_REUSEPORT): one uses at most one core. Share verdicts with cache.redis_url.
+    workers: int = Field(1, ge=1, le=256)
     max_body_bytes: int = Field(4 * 1024 * 1024, ge=1024, description="Larger request bodies get 413.")
     # With no api_keys in any policy file the gateway would serve everyone with the default policy: only
     # when this says so. A running gateway that has keys never turns open on a reload, whatever this says.

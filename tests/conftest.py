@@ -92,9 +92,10 @@ def guardgate_command() -> list[str]:
     return [exe]
 
 
-def serve_gateway(config_path: Path, port: int, env: dict | None = None, timeout_s: float = 60) -> subprocess.Popen:
+def serve_gateway(config_path: Path, port: int, env: dict | None = None, timeout_s: float = 60,
+                  args: tuple[str, ...] = ()) -> subprocess.Popen:
     """`guardgate serve` in its own process; returns once /healthz answers. Output is captured (text)."""
-    proc = subprocess.Popen(guardgate_command() + ["serve", "--config", str(config_path), "--port", str(port)],
+    proc = subprocess.Popen(guardgate_command() + ["serve", "--config", str(config_path), "--port", str(port), *args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
     while True:

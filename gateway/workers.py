@@ -1,0 +1,109 @@
+"""`guardgate serve --workers N`: N gateway processes on one port, and a supervisor.
+
+Each worker is a whole gateway (its own event loop, pools, in-process cache and policy watcher) bound to
+the port with SO_REUSEPORT, so the kernel spreads connections over the workers evenly; verdicts are shared
+through Redis. The supervisor serves nothing: it starts the workers, restarts one that dies, and on
+SIGTERM or SIGINT tells every worker to drain (finish the requests in flight, then exit) and waits.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import signal
+import socket
+import threading
+import time
+from multiprocessing.process import BaseProcess
+from pathlib import Path
+
+log = logging.getLogger("guardgate.workers")
+
+# A worker that dies sooner than this after its start is failing to start, not crashing under load:
+# restarting it would loop, so the supervisor stops instead.
+MIN_UPTIME_S = 5.0
+
+
+def reuseport_socket(host: str, port: int) -> socket.socket:
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A worker whose supervisor was killed (SIGKILL cannot be forwarded) drains and exits."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
+def worker_main(config_path: str, host: str, port: int, parent: int) -> None:
+    """One worker process (started by the supervisor with the spawn method)."""
+    import uvicorn
+
+    from gateway.app import create_app
+    from gateway.config import load_config
+    from gateway.logs import configure_logging
+    from gateway.server import uvicorn_config
+
+    os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM
+    config = load_config(config_path)
+    configure_logging(config.server.log_level)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    sock = reuseport_socket(host, port)
+    uvicorn.Server(uvicorn_config(create_app(config), config, host=host, port=port)).run(sockets=[sock])
+
+
+class Supervisor:
+    def __init__(self, config_path: Path, host: str, port: int, workers: int) -> None:
+        self.args = (str(config_path), host, port, os.getpid())
+        self.count = workers
+        self.stopping = False
+        self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no loop or pool inherited
+        self.workers: dict[int, tuple[BaseProcess, float]] = {}  # slot → (process, started at)
+
+    def _start(self, slot: int) -> None:
+        proc = self._context.Process(target=worker_main, args=self.args, name=f"guardgate-worker-{slot}")
+        proc.start()
+        self.workers[slot] = (proc, time.monotonic())
+        if self.stopping and proc.pid is not None:  # a signal came while it was starting
+            os.kill(proc.pid, signal.SIGTERM)
+
+    def _stop_all(self, signum: int, frame: object = None) -> None:
+        self.stopping = True
+        for proc, _ in self.workers.values():
+            if proc.pid is not None and proc.exitcode is None:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    def run(self) -> int:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._stop_all)
+        for slot in range(self.count):
+            self._start(slot)
+        log.info("workers started", extra={"fields": {
+            "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()]}})
+        failed = 0
+        while self.workers:
+            sentinels = [proc.sentinel for proc, _ in self.workers.values()]
+            multiprocessing.connection.wait(sentinels, timeout=1.0)
+            for slot, (proc, started) in list(self.workers.items()):
+                if proc.exitcode is None:
+                    continue
+                del self.workers[slot]
+                proc.join()
+                if self.stopping:
+                    # uvicorn re-raises the SIGTERM it drained on, so a clean exit is 0 or -SIGTERM.
+                    failed = failed or proc.exitcode not in (0, -signal.SIGTERM)
+                    continue
+                log.error("worker exited", extra={"fields": {
+                    "event": "worker_exit", "pid": proc.pid, "exit_code": proc.exitcode}})
+                if time.monotonic() - started < MIN_UPTIME_S:
+                    failed = 1
+                    self._stop_all(signal.SIGTERM)  # it cannot start: neither will its replacement
+                else:
+                    self._start(slot)
+        return 1 if failed else 0
