@@ -26,7 +26,7 @@ import httpx
 import orjson
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import HEADERS, free_port, pct, processes  # noqa: E402
+from common import HEADERS, free_port, pct, processes  # noqa: E402
 
 
 def body(text: str) -> bytes:

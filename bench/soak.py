@@ -42,7 +42,7 @@ import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import REPO, free_port, wait_ready  # noqa: E402
+from common import REPO, free_port, wait_ready  # noqa: E402
 
 ADMIN_KEY = "soak-admin-key-000000000001"
 # The stand-in guard scores a text containing a trigger at risk 90 (blocked at moderate strictness), others 3.

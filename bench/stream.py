@@ -28,7 +28,7 @@ import orjson
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from overhead import REPO, free_port, wait_ready  # noqa: E402
+from common import REPO, free_port, wait_ready  # noqa: E402
 
 SENTENCE = "Rivers carry sediment from the mountains and lay it down where the current slows. "
 BENIGN = (SENTENCE * 30)[:2000]

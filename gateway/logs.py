@@ -6,9 +6,10 @@ import contextlib
 import logging
 import queue
 import sys
+import threading
 import time
 from collections.abc import Iterator
-from logging.handlers import QueueHandler, QueueListener
+from logging.handlers import QueueHandler
 from typing import IO
 from urllib.parse import urlsplit, urlunsplit
 
@@ -40,7 +41,7 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-_writer: logging.Handler | None = None  # the JSON handler configure_logging installed, if it ran
+_writer: logging.StreamHandler | None = None  # the JSON handler configure_logging installed, if it ran
 
 
 def configure_logging(level: str, stream: IO[str] | None = None) -> None:
@@ -51,6 +52,8 @@ def configure_logging(level: str, stream: IO[str] | None = None) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+    # Our lines carry none of these; looking them up is a good part of what creating a record costs.
+    logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
     # uvicorn's own loggers go through the same JSON handler.
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
@@ -59,17 +62,57 @@ def configure_logging(level: str, stream: IO[str] | None = None) -> None:
 
 class _Enqueue(QueueHandler):
     def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
-        # Same process, so no pickling: the listener's JsonFormatter formats the record as it was, fields
+        # Same process, so no pickling: the writer's JsonFormatter formats the record as it was, fields
         # and traceback included (QueueHandler's own prepare would flatten them into the message).
         return record
 
 
+class _BatchWriter(threading.Thread):
+    """Every `every` seconds, formats what the queue holds and writes it in one go.
+
+    It polls rather than waiting on the queue: a waiting reader would be woken by every record, one
+    thread switch per log line, which costs the event loop more than writing the line itself."""
+
+    def __init__(self, q: queue.SimpleQueue[logging.LogRecord], writer: logging.StreamHandler, every: float) -> None:
+        super().__init__(name="guardgate-log-writer", daemon=True)
+        self.q, self.writer, self.every = q, writer, every
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.wait(self.every):
+            self.drain()
+        self.drain()
+
+    def drain(self) -> None:
+        lines = []
+        while True:
+            try:
+                record = self.q.get_nowait()
+            except queue.Empty:
+                break
+            if record.levelno >= self.writer.level:
+                try:
+                    lines.append(self.writer.format(record) + "\n")
+                except Exception:
+                    self.writer.handleError(record)
+        if lines:
+            try:
+                self.writer.stream.write("".join(lines))
+                self.writer.stream.flush()
+            except Exception:
+                pass  # a closed or broken stderr must not take the writer down
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.join()
+
+
 @contextlib.contextmanager
-def logs_off_the_loop() -> Iterator[None]:
-    """While serving, log lines are formatted and written by a thread of their own: a request only puts
-    its record on a queue. Lines queued when this ends are written before it returns; before and after,
-    configure_logging's handler writes directly. Without configure_logging (the app embedded, tests'
-    log capture), nothing changes."""
+def logs_off_the_loop(every: float = 0.05) -> Iterator[None]:
+    """While serving, a request only puts its log records on a queue; a thread of its own formats and
+    writes them, in batches every `every` seconds. Records queued when this ends are written before it
+    returns; before and after, configure_logging's handler writes directly. Without configure_logging
+    (the app embedded, tests' log capture), nothing changes."""
     root = logging.getLogger()
     writer = _writer
     if writer is None or writer not in root.handlers:
@@ -77,13 +120,13 @@ def logs_off_the_loop() -> Iterator[None]:
         return
     q: queue.SimpleQueue[logging.LogRecord] = queue.SimpleQueue()
     enqueue = _Enqueue(q)
-    listener = QueueListener(q, writer, respect_handler_level=True)
-    listener.start()
+    batches = _BatchWriter(q, writer, every)
+    batches.start()
     root.handlers[root.handlers.index(writer)] = enqueue
     try:
         yield
     finally:
-        # Direct writing first, so nothing is queued after the listener's last read; then drain.
+        # Direct writing first, so nothing is queued after the writer's last drain; then drain.
         if enqueue in root.handlers:
             root.handlers[root.handlers.index(enqueue)] = writer
-        listener.stop()
+        batches.stop()

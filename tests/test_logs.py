@@ -1,4 +1,5 @@
-"""Log lines while serving are written by a thread of their own, with the same content as written directly."""
+"""Log lines while serving are written by a thread of their own, in batches, with the same content as written
+directly."""
 
 from __future__ import annotations
 
@@ -20,8 +21,7 @@ class Recording(io.StringIO):
         self.threads: list[str] = []
 
     def write(self, s: str) -> int:
-        if s.strip():
-            self.threads.append(threading.current_thread().name)
+        self.threads += [threading.current_thread().name] * len(s.strip().splitlines())
         return super().write(s)
 
 
