@@ -42,9 +42,11 @@ class Stack(contextlib.ExitStack):
         super().__init__()
         self.env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.tmp = Path(tempfile.mkdtemp(prefix="guardgate-bench-"))
+        self.guard_url = ""
 
-    def start(self, args: list[str], ready: str, env: dict[str, str] | None = None, **popen) -> subprocess.Popen:
-        proc = subprocess.Popen(args, env={**self.env, **(env or {})}, cwd=REPO, **popen)
+    def start(self, args: list[str], ready: str, env: dict[str, str] | None = None, cwd: Path = REPO,
+              **popen) -> subprocess.Popen:
+        proc = subprocess.Popen(args, env={**self.env, **(env or {})}, cwd=cwd, **popen)
 
         def stop() -> None:
             proc.terminate()
@@ -59,7 +61,10 @@ class Stack(contextlib.ExitStack):
     def standin(self, kind: str, *extra: str) -> tuple[str, subprocess.Popen]:
         port = free_port()
         url = f"http://127.0.0.1:{port}"
-        return url, self.start([sys.executable, "-m", "tests.standins", kind, str(port), *extra], f"{url}/v1/models")
+        proc = self.start([sys.executable, "-m", "tests.standins", kind, str(port), *extra], f"{url}/v1/models")
+        if kind == "guard":
+            self.guard_url = url
+        return url, proc
 
     def floor(self, upstream: str) -> tuple[str, subprocess.Popen]:
         port = free_port()
