@@ -28,19 +28,21 @@ def _positive(value: str) -> int:
 def _serve(args: argparse.Namespace) -> int:
     import logging
 
-    import uvicorn
-
-    from gateway.app import create_app
     from gateway.config import load_config
     from gateway.logs import configure_logging
-    from gateway.server import uvicorn_config
 
     config = load_config(args.config)
     configure_logging(config.server.log_level)
     workers = args.workers or config.server.workers
     if workers == 1:
+        import uvicorn
+
+        from gateway.app import create_app
+        from gateway.server import uvicorn_config
+
         uvicorn.Server(uvicorn_config(create_app(config), config, host=args.host, port=args.port)).run()
         return 0
+    # The supervisor serves nothing: it imports neither the app nor the guards.
     from gateway.policy.store import PolicyStore
     from gateway.workers import Supervisor
 
