@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import re
 import shutil
 import subprocess
 import sys
@@ -23,23 +24,41 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from harness import Wrk, process_tree  # noqa: E402
 from overhead import Stack, target  # noqa: E402
 
+
+def lit(text: str) -> re.Pattern[str]:
+    return re.compile(re.escape(text))
+
+
+THREADS = lit("(threading.py")
 # Inclusive groups: a sample counts for a group when any frame of its stack is in that file / module.
 GROUPS = [
-    ("GuardGate's own code (gateway/), callees included", "(gateway/"),
-    ("  pipeline: read, parse, forward, answer", "(gateway/pipeline.py"),
-    ("  moderation (cache → decide → log)", "(gateway/moderation.py"),
-    ("  verdict cache", "(gateway/cache.py"),
-    ("  texts and request checks", "(gateway/texts.py"),
-    ("  HTTP client wrapper (gateway/http.py)", "(gateway/http.py"),
-    ("HTTP client (aiohttp)", "(aiohttp/"),
-    ("httpx objects (Response, headers)", "(httpx/"),
-    ("uvicorn (HTTP server)", "(uvicorn/"),
-    ("Starlette (routing, Request, Response)", "(starlette/"),
-    ("logging", "(logging/"),
-    ("pydantic (request validation)", "(pydantic/"),
-    ("other threads (the log writer)", "(threading.py"),
+    ("GuardGate's request handling (gateway/, the in-flight limit excepted), callees included", re.compile(r"\(gateway/(?!server)")),
+    ("  pipeline: read, parse, forward, answer", lit("(gateway/pipeline.py")),
+    ("  moderation (cache → decide → log)", lit("(gateway/moderation.py")),
+    ("  verdict cache", lit("(gateway/cache.py")),
+    ("  texts and request checks", lit("(gateway/texts.py")),
+    ("  HTTP client wrapper (gateway/http.py)", lit("(gateway/http.py")),
+    ("HTTP client (aiohttp)", lit("(aiohttp/")),
+    ("httpx objects (Response, headers)", lit("(httpx/")),
+    ("uvicorn (HTTP server)", lit("(uvicorn/")),
+    ("Starlette (routing, Request, Response)", lit("(starlette/")),
+    ("logging", lit("(logging/")),
+    ("pydantic (request validation)", lit("(pydantic/")),
+    ("other threads (the log writer)", THREADS),
     ("event loop alone (uvloop's C code: sockets, polling, callbacks)", None),
 ]
+
+
+# Self time by package: where the CPU actually was, summing to 100%.
+PACKAGES = [("GuardGate (gateway/)", "(gateway/"), ("aiohttp (HTTP client)", "(aiohttp/"), ("httpx", "(httpx/"),
+            ("uvicorn", "(uvicorn/"), ("Starlette", "(starlette/"), ("asyncio (Python side)", "(asyncio/"),
+            ("logging", "(logging/"), ("pydantic", "(pydantic/"), ("threading (the log writer waiting)", "(threading.py")]
+
+
+def package_of(frame: str) -> str:
+    if frame.startswith("Runner.run "):
+        return "event loop alone (uvloop's C code)"
+    return next((name for name, needle in PACKAGES if needle in frame), "other")
 
 
 def frames(line: str) -> tuple[list[str], int]:
@@ -50,6 +69,7 @@ def frames(line: str) -> tuple[list[str], int]:
 def summarise(raw: str, top: int) -> str:
     total = 0
     own: collections.Counter[str] = collections.Counter()
+    packages: collections.Counter[str] = collections.Counter()
     groups: collections.Counter[str] = collections.Counter()
     for line in raw.splitlines():
         if not line.strip():
@@ -57,15 +77,18 @@ def summarise(raw: str, top: int) -> str:
         stack, count = frames(line)
         total += count
         own[_function(stack[-1])] += count
+        packages[package_of(stack[-1])] += count
         # Only what runs under the event loop counts for a group (not the frames that started the server).
         loop = next((i for i, f in enumerate(stack) if f.startswith("Runner.run ")), None)
         inner = stack if loop is None else stack[loop + 1:]
         for name, needle in GROUPS:
             if needle is None:
                 groups[name] += count * (loop is not None and not inner)
-            elif any(needle in f for f in (stack if needle == "(threading.py" else inner)):
+            elif any(needle.search(f) for f in (stack if needle is THREADS else inner)):
                 groups[name] += count
-    out = [f"{total} samples", "", "| share (inclusive) | part of the stack |", "|---|---|"]
+    out = [f"{total} samples", "", "| share (self) | package |", "|---|---|"]
+    out += [f"| {100 * count / total:.1f}% | {name} |" for name, count in packages.most_common()]
+    out += ["", "| share (inclusive) | part of the stack |", "|---|---|"]
     out += [f"| {100 * groups[name] / total:.1f}% | {name} |" for name, _ in GROUPS]
     out += ["", "| share (self) | function (file:line) |", "|---|---|"]
     for frame, count in own.most_common(top):
