@@ -96,11 +96,14 @@ class _BatchWriter(threading.Thread):
                 except Exception:
                     self.writer.handleError(record)
         if lines:
+            self.writer.acquire()  # the handler's own lock: it may be writing directly at the hand-over
             try:
                 self.writer.stream.write("".join(lines))
                 self.writer.stream.flush()
             except Exception:
                 pass  # a closed or broken stderr must not take the writer down
+            finally:
+                self.writer.release()
 
     def stop(self) -> None:
         self.stopping.set()

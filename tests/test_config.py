@@ -91,3 +91,18 @@ def test_bad_default_policy_fails_the_start(tmp_path):
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2
     assert "default.yaml:1: strictness" in r.stderr
+
+
+def test_workers_default_to_one_and_must_be_at_least_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "k")
+    assert load_config(write(tmp_path, GOOD)).server.workers == 1
+    assert load_config(write(tmp_path, GOOD + "server:\n  workers: 4\n")).server.workers == 4
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, GOOD + "server:\n  workers: 0\n"))
+    assert "server.workers" in str(e.value)
+
+
+def test_serve_refuses_a_workers_count_below_one(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "gateway", "serve", "--config", str(tmp_path / "none.yaml"),
+                           "--workers", "0"], capture_output=True, text=True)
+    assert done.returncode == 2 and "--workers" in done.stderr
