@@ -21,8 +21,8 @@ from pathlib import Path
 
 log = logging.getLogger("guardgate.workers")
 
-# A worker that dies sooner than this after its start is failing to start, not crashing under load:
-# restarting it would loop, so the supervisor stops instead.
+# A worker that dies sooner than this after its start failed to start. Before any worker has served that
+# long, the gateway cannot start: the supervisor stops. Later, a slot is restarted at most this often.
 MIN_UPTIME_S = 5.0
 
 
@@ -86,10 +86,16 @@ class Supervisor:
             self._start(slot)
         log.info("workers started", extra={"fields": {
             "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()]}})
-        failed = 0
-        while self.workers:
-            sentinels = [proc.sentinel for proc, _ in self.workers.values()]
-            multiprocessing.connection.wait(sentinels, timeout=1.0)
+        failed = False
+        served = False  # some worker has run past MIN_UPTIME_S: the gateway did start
+        restart_at: dict[int, float] = {}  # slot → when its next worker may start
+        while self.workers or (restart_at and not self.stopping):
+            if self.workers:
+                multiprocessing.connection.wait([proc.sentinel for proc, _ in self.workers.values()], timeout=0.5)
+            else:
+                time.sleep(0.5)
+            now = time.monotonic()
+            served = served or any(now - started >= MIN_UPTIME_S for _, started in self.workers.values())
             for slot, (proc, started) in list(self.workers.items()):
                 if proc.exitcode is None:
                     continue
@@ -101,9 +107,15 @@ class Supervisor:
                     continue
                 log.error("worker exited", extra={"fields": {
                     "event": "worker_exit", "pid": proc.pid, "exit_code": proc.exitcode}})
-                if time.monotonic() - started < MIN_UPTIME_S:
-                    failed = 1
-                    self._stop_all(signal.SIGTERM)  # it cannot start: neither will its replacement
+                if not served and now - started < MIN_UPTIME_S:
+                    failed = True
+                    self._stop_all(signal.SIGTERM)  # the gateway cannot start (a port held elsewhere …)
                 else:
+                    # A crash, or a replacement that cannot start (a policy file broken meanwhile): the
+                    # other workers go on serving; this slot is tried again, at most every MIN_UPTIME_S.
+                    restart_at[slot] = started + MIN_UPTIME_S
+            for slot, at in list(restart_at.items()):
+                if at <= now and not self.stopping:
+                    del restart_at[slot]
                     self._start(slot)
         return 1 if failed else 0

@@ -128,7 +128,7 @@ def gone(pid: int) -> bool:
     return not path.exists() or "State:\tZ" in path.read_text()
 
 
-def test_a_dead_worker_is_replaced_and_workers_leave_with_a_killed_supervisor(tmp_path, guard, upstream):
+def test_a_dead_worker_is_replaced_even_after_failed_starts_and_workers_leave_with_a_killed_supervisor(tmp_path, guard, upstream):
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "default.yaml").write_text("strictness: moderate\n")
     config = {"upstream": {"base_url": f"{upstream.url}/v1"}, "guard": {"base_url": f"{guard.url}/v1"},
@@ -155,6 +155,28 @@ def test_a_dead_worker_is_replaced_and_workers_leave_with_a_killed_supervisor(tm
             assert time.monotonic() < deadline, "the killed worker was not replaced"
             time.sleep(0.2)
         assert second in pids and len(pids) == 2
+
+        # A replacement that cannot start (the policy file broke meanwhile) leaves the other worker serving,
+        # and is tried again until it can.
+        (tmp_path / "policies" / "default.yaml").write_bytes(b"strictness: \xff\xfe\n")
+        replaced = next(p for p in pids if p != second)
+        time.sleep(5.5)
+        os.kill(replaced, signal.SIGKILL)
+        for _ in range(30):  # ~6 s of requests while the slot keeps failing to start
+            assert httpx.get(f"{base}/readyz", timeout=5).status_code == 200
+            time.sleep(0.2)
+        assert proc.poll() is None
+        (tmp_path / "policies" / "default.yaml").write_text("strictness: moderate\n")
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                pids = set(one_client_per_worker(base, 2))
+                if replaced not in pids:
+                    break
+            except (AssertionError, httpx.HTTPError):
+                pass
+            assert time.monotonic() < deadline, "the slot never came back once the policy was fixed"
+            time.sleep(0.2)
         os.kill(proc.pid, signal.SIGKILL)  # cannot be forwarded: the workers notice their parent is gone
         proc.wait(5)
         deadline = time.monotonic() + 10
