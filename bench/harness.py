@@ -2,8 +2,8 @@
 
 Load comes from `wrk` where it is installed (`apt-get install wrk`): a C load generator that costs a small
 fraction of a core, so what is measured is the server, not the client. Without wrk, a Python client (aiohttp
-on uvloop) stands in, with a warning: it tops out at a few thousand requests per second on one core and
-competes with the servers for the CPU, so its throughput figures are a floor.
+on uvloop) stands in, with a warning: it spends several times wrk's CPU per request, on the cores the
+servers need, so its throughput figures are a floor.
 
 Every figure is taken for every target in the same round, targets interleaved (the order rotating each
 round), and ratios are computed within a round, then summarised as min / median / max over the rounds.
@@ -180,7 +180,7 @@ def loader() -> Wrk | PythonLoad:
     if shutil.which("wrk"):
         return Wrk()
     print("WARNING: wrk is not installed (apt-get install wrk): falling back to a Python client, which competes "
-          "with the servers for the CPU and tops out at a few thousand req/s; throughput figures are a floor.",
+          "with the servers for the CPU: throughput figures are a floor.",
           file=sys.stderr)
     return PythonLoad()
 
