@@ -60,13 +60,22 @@ def latency(direct: str, gateway: str, n: int) -> dict[str, list[float]]:
     return out
 
 
+ADMIN_KEY = "bench-admin-key-0000000001"
+
+
+async def cache_stats(client: httpx.AsyncClient, gateway: str) -> dict:
+    """The cache counters, from the admin view (/readyz says only ready or not)."""
+    view = await client.get(f"{gateway}/admin/readiness", headers={"authorization": f"Bearer {ADMIN_KEY}"})
+    return view.json()["checks"]["cache"]["stats"]
+
+
 async def workload(gateway: str, n: int, distinct: int, concurrency: int) -> tuple[float, dict]:
     rng = random.Random(7)
     weights = [1 / (rank ** 1.1) for rank in range(1, distinct + 1)]
     prompts = rng.choices([f"popular question number {k}" for k in range(distinct)], weights, k=n)
     async with httpx.AsyncClient(timeout=60) as client:
         queue = iter(prompts)
-        before = (await client.get(f"{gateway}/readyz")).json()["checks"]["cache"]["stats"]
+        before = await cache_stats(client, gateway)
 
         async def worker() -> None:
             for text in queue:
@@ -76,7 +85,7 @@ async def workload(gateway: str, n: int, distinct: int, concurrency: int) -> tup
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - t0
-        after = (await client.get(f"{gateway}/readyz")).json()["checks"]["cache"]["stats"]
+        after = await cache_stats(client, gateway)
     stats = {k: after[k] - before.get(k, 0) for k in after}  # this workload's own counts
     return elapsed, {**stats, "distinct_prompts": len(set(prompts))}
 
@@ -91,7 +100,9 @@ def main() -> None:
     args = parser.parse_args()
     redis_proc, redis_url = start_redis()
     try:
-        extra = {"cache": {"redis_url": redis_url}} if redis_url else {}
+        extra: dict = {"server": {"allow_open": True, "admin_key": ADMIN_KEY}}
+        if redis_url:
+            extra["cache"] = {"redis_url": redis_url}
         with processes(args.guard_delay_ms, extra) as (direct, _guard, gateway):
             lat = latency(direct, gateway, args.requests)
             elapsed, stats = asyncio.run(workload(gateway, args.workload, args.distinct, args.concurrency))
