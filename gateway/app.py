@@ -23,6 +23,7 @@ from gateway.config import GatewayConfig
 from gateway.errors import error_response
 from gateway.guard import build_guard
 from gateway.logs import logs_off_the_loop
+from gateway.moderation_api import moderations
 from gateway.pipeline import Gateway, bearer_token
 from gateway.policy.store import PolicyStore
 from gateway.server import InFlightLimit
@@ -30,7 +31,7 @@ from gateway.upstream import Upstream
 
 log = logging.getLogger("guardgate")
 
-SERVED = "GuardGate serves POST /v1/chat/completions, GET /v1/models, GET /healthz and GET /readyz."
+SERVED = "GuardGate serves POST /v1/chat/completions, POST /v1/moderations, GET /v1/models, GET /v1/models/{id}, GET /healthz and GET /readyz."
 
 
 def build_gateway(config: GatewayConfig) -> Gateway:
@@ -67,8 +68,14 @@ def create_app(config: GatewayConfig) -> Starlette:
     async def chat_completions(request: Request) -> Response:
         return await gateway.chat_completions(request)
 
+    async def moderate(request: Request) -> Response:
+        return await moderations(gateway, request)
+
     async def models(request: Request) -> Response:
         return await gateway.models(request)
+
+    async def model(request: Request) -> Response:
+        return await gateway.model(request, request.path_params["model_id"])
 
     async def healthz(request: Request) -> Response:
         return Response(b'{"status":"ok"}', media_type="application/json")
@@ -114,7 +121,10 @@ def create_app(config: GatewayConfig) -> Starlette:
     app = Starlette(
         routes=[
             Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+            Route("/v1/moderations", moderate, methods=["POST"]),
             Route("/v1/models", models, methods=["GET"]),
+            # :path, because model ids may hold slashes (meta-llama/Llama-3.1-8B-Instruct).
+            Route("/v1/models/{model_id:path}", model, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/admin/readiness", admin_readiness, methods=["GET"]),

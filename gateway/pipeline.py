@@ -241,6 +241,28 @@ class Gateway:
             return e.response()
         return Response(resp.content, status_code=resp.status_code, headers=response_headers(resp))
 
+    async def model(self, request: Request, model_id: str) -> Response:
+        """One model of the upstream's list (what `GET /v1/models` shows), or 404 `model_not_found`."""
+        try:
+            self.authenticate(request)
+            resp = await self.upstream.send("GET", "/models")
+        except GatewayError as e:
+            return e.response()
+        if resp.status_code != 200:  # the upstream's error, as /v1/models passes it on
+            return Response(resp.content, status_code=resp.status_code, headers=response_headers(resp))
+        # From the list rather than the upstream's own /models/{id}: the SDK sees exactly what the list shows,
+        # and upstreams that serve only the list (vLLM, many proxies) still answer.
+        try:
+            listed = orjson.loads(resp.content)["data"]
+            found = next((m for m in listed if isinstance(m, dict) and m.get("id") == model_id), None)
+        except (orjson.JSONDecodeError, KeyError, TypeError):
+            return UpstreamError(502, "The upstream's model list is not a list of models.",
+                                 code="upstream_bad_response").response()
+        if found is None:
+            return ClientError(404, f"The model '{model_id}' does not exist or you do not have access to it.",
+                               code="model_not_found", param="model").response()
+        return Response(orjson.dumps(found), media_type="application/json")
+
     async def readiness(self) -> tuple[bool, dict[str, Any]]:
         guard_ok, guard_detail = await self.guard.ready()
         _, cache_detail = await self.cache.ready()  # never unready: without Redis the guard is asked

@@ -177,6 +177,7 @@ class UpstreamBehaviour:
     ok_status: int = 200  # the status of a successful answer (plain or streamed)
     content_type: str | None = None  # of a successful answer, instead of the usual one
     headers: dict[str, str] = field(default_factory=dict)  # added to a successful answer
+    models: list[str] = field(default_factory=lambda: ["stand-in-model"])  # what GET /v1/models lists
     requests: list[dict] = field(default_factory=list)  # {"body": bytes, "headers": dict}
     streams: list[dict] = field(default_factory=list)  # per stream: {"chunks": sent, "completed": bool}
 
@@ -192,6 +193,7 @@ class UpstreamBehaviour:
         self.message = self.deltas = self.raw_body = self.raw_chunks = self.raw_stream = None
         self.ok_status, self.content_type = 200, None
         self.headers = {}
+        self.models = ["stand-in-model"]
         self.answer_delay_s = 0.0
         self.hung_up.clear()
         self.requests.clear()
@@ -327,8 +329,11 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
                                  status_code=b.ok_status)
 
     async def models(request: Request) -> Response:
-        return JSONResponse({"object": "list", "data": [{"id": "stand-in-model", "object": "model",
-                                                         "created": 0, "owned_by": "standin"}]})
+        if b.status != 200:
+            return JSONResponse(b.error_body or {"error": {"message": "down", "type": "server_error"}},
+                                status_code=b.status)
+        return JSONResponse({"object": "list", "data": [{"id": m, "object": "model", "created": 0,
+                                                         "owned_by": "standin"} for m in b.models]})
 
     return Starlette(routes=[Route("/v1/chat/completions", chat, methods=["POST"]),
                              Route("/v1/models", models, methods=["GET"])])
