@@ -1,0 +1,1 @@
+"""GuardGate inside other tools."""
