@@ -1,6 +1,12 @@
 """The cascade's routing on a mixed labelled set: how much goes to the GPU guard, and what the rest costs.
 
     python bench/cascade.py --data tests/embedded_everyday_prompts.json [--threshold 40]
+    python bench/cascade.py --heldout new.json     # scores written by scripts/eval_embedded.py --out
+
+--heldout: the embedded guard's held-out scores per slice (harmful slices are label 1); prints, per band,
+the share sent to the GPU guard, and per slice how many texts the CPU decides wrongly (for the padded
+harmful slice: how many score below the band, i.e. are neither blocked by the embedded stage nor seen by
+the GPU guard).
 
 --data: JSON lines {"text": ..., "label": 0|1} (1 = should be flagged), or a JSON object with "benign"
 and "harmful" lists of texts (like the hand-written everyday set the embedded guard is evaluated on). The cascade sends a text to the GPU guard
@@ -28,9 +34,14 @@ BANDS = [(20, 60), (15, 70), (10, 80), (5, 90)]
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", required=True, type=Path)
+    parser.add_argument("--data", type=Path)
+    parser.add_argument("--heldout", type=Path)
     parser.add_argument("--threshold", type=int, default=40)
     args = parser.parse_args()
+    if args.heldout:
+        return heldout(args.heldout, args.threshold)
+    if not args.data:
+        parser.error("--data or --heldout is required")
     raw = args.data.read_text()
     if raw.lstrip().startswith("{") and '"benign"' in raw[:2000] and not raw.lstrip().startswith('{"text"'):
         doc = json.loads(raw)
@@ -60,6 +71,28 @@ def main() -> None:
         missed = sum(r < args.threshold and y for r, y in kept)
         print(f"  [{lo:2d}, {hi:2d}] {sum(escalated) / n:8.1%} {false_blocks + missed:13d} ({(false_blocks + missed) / n:.1%})"
               f"  ({false_blocks} / {missed})")
+
+
+def heldout(path: Path, threshold: int) -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    from eval_embedded import SLICES
+
+    result = json.loads(path.read_text())
+    slices = {k: v["risks"] for k, v in result["slices"].items() if not k.startswith(("answers_embedded", "answers_trivia"))}
+    total = sum(len(r) for r in slices.values())
+    print(f"{result['identity']}: {total} held-out texts; threshold {threshold}")
+    print("| band | to GPU | " + " | ".join(slices) + " |")
+    print("|---|---:|" + "---:|" * len(slices))
+    for lo, hi in [(15, 70), (10, 80), (10, 90), (5, 90), (5, 95), (3, 97)]:
+        sent = sum(lo <= r <= hi for rs in slices.values() for r in rs)
+        cells = []
+        for name, rs in slices.items():
+            harmful = SLICES[name][1]
+            wrong = sum(r < lo if harmful else r > hi and r >= threshold for r in rs)
+            cells.append(f"{wrong}/{len(rs)}")
+        print(f"| [{lo}, {hi}] | {sent / total:.0%} | " + " | ".join(cells) + " |")
+    print("\nCells: texts the CPU decides wrongly and the GPU guard never sees (harmful slices: risk below the "
+          "band; benign slices: risk above it and at or over the threshold).")
 
 
 if __name__ == "__main__":

