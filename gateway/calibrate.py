@@ -435,7 +435,7 @@ def _run(args: argparse.Namespace) -> int:
             plot_curve(rows, best, args.metric, args.plot)
         except ImportError:
             print("guardgate calibrate: matplotlib is not installed, so no plot was drawn; install it with "
-                  "pip install 'guardgate[calibrate]'", file=sys.stderr)
+                  "pip install matplotlib (or, from GuardGate's clone, pip install '.[calibrate]')", file=sys.stderr)
         except OSError as e:
             raise CalibrationError(f"{args.plot}: cannot write the plot: {e.strerror or e}") from None
         else:

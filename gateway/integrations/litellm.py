@@ -2,7 +2,7 @@
 `POST /v1/moderations` about the request's texts and about the answer, and blocks with LiteLLM's
 `GuardrailRaisedException` when GuardGate flags one.
 
-Runs inside LiteLLM's process (`pip install 'guardgate[litellm]'`); the gateway never imports this module.
+Runs inside LiteLLM's process (`pip install '.[litellm]'` from GuardGate's clone); the gateway never imports this module.
 """
 
 from __future__ import annotations
