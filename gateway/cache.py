@@ -17,13 +17,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-import redis.asyncio as aioredis
 import redis.exceptions
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from gateway.guard.base import HARM_CATEGORIES, SAFE, Guard, GuardError, GuardInput, Verdict
 from gateway.logs import redact_url
+from gateway.redis_client import RedisConnection, connect
 
 log = logging.getLogger("guardgate")
 
@@ -109,13 +109,15 @@ class VerdictCache:
         self.ttl_s, self.local_size, self.local_ttl_s = ttl_s, local_size, local_ttl_s
         self.redis_timeout_s, self.retry_after_s = redis_timeout_s, retry_after_s
         self._url = redact_url(redis_url) if redis_url else None
-        self._redis: aioredis.Redis | None = None
+        self._redis: RedisConnection | None = None
         if redis_url:
-            # No client-side retries: one short attempt, then the guard. Our own timeout bounds each call.
-            self._redis = aioredis.Redis.from_url(
+            # One server, a Sentinel-watched master or a Cluster (gateway/redis_client.py). No client-side
+            # retries beyond the one below: one short attempt, then the guard. Our own timeout bounds each call.
+            self._redis = connect(
                 redis_url, socket_timeout=redis_timeout_s, socket_connect_timeout=redis_timeout_s,
-                # One retry, for a connection error only: after a Redis restart the first command on each
-                # pooled connection fails; redis-py drops that connection and the retry opens a fresh one.
+                # One retry, for a connection error only: after a Redis restart (or a Sentinel failover) the
+                # first command on each pooled connection fails; redis-py drops that connection and the retry
+                # opens a fresh one (to the master Sentinel names now).
                 retry=Retry(NoBackoff(), 1, supported_errors=(redis.exceptions.ConnectionError,)),
                 max_connections=_MAX_CONNECTIONS)
         self._local: OrderedDict[bytes, tuple[float, ScoredVerdict]] = OrderedDict()
@@ -174,7 +176,7 @@ class VerdictCache:
         if self._redis_due():
             try:
                 async with asyncio.timeout(self.redis_timeout_s):
-                    await self._redis.ping()
+                    await self._redis.client.ping()
             except Exception as e:
                 self._redis_failed(e, "ping")
             else:
@@ -342,7 +344,7 @@ class VerdictCache:
             return
         try:
             async with asyncio.timeout(self.redis_timeout_s):
-                pipe = self._redis.pipeline(transaction=False)  # type: ignore[union-attr]
+                pipe = self._redis.client.pipeline(transaction=False)  # type: ignore[union-attr]
                 for key, verdict in fresh:
                     pipe.set(redis_key(key), encode_verdict(verdict), ex=self.ttl_s)
                 await pipe.execute()

@@ -7,6 +7,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
 
+from gateway.redis_client import parse_redis_url
 from gateway.yamlfile import load_model
 
 
@@ -133,7 +134,8 @@ class GuardConfig(_Strict):
 class CacheConfig(_Strict):
     """Verdict cache: an in-process LRU, in front of Redis when `redis_url` is set."""
 
-    redis_url: SecretStr | None = Field(None, description="e.g. redis://:password@127.0.0.1:6379/0")
+    redis_url: SecretStr | None = Field(None, description="e.g. redis://:password@127.0.0.1:6379/0, "
+                                        "redis+sentinel://h1:26379,h2:26379/mymaster/0, redis+cluster://h1:7000,h2:7001")
     ttl_s: int = Field(86400, ge=1, description="How long Redis keeps a verdict.")
     local_size: int = Field(10000, ge=0, description="Verdicts kept in process; 0 turns the local cache off.")
     local_ttl_s: float = Field(60.0, gt=0)
@@ -141,6 +143,13 @@ class CacheConfig(_Strict):
     retry_after_s: float = Field(2.0, ge=0, description="After a Redis failure, how long before trying again.")
 
     _no_empty_url = field_validator("redis_url", mode="before")(_empty_is_none)
+
+    @field_validator("redis_url")
+    @classmethod
+    def _known_topology(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None:
+            parse_redis_url(v.get_secret_value())  # a malformed Sentinel or Cluster URL stops the start
+        return v
 
 
 class GatewayConfig(_Strict):

@@ -10,6 +10,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from gateway.logs import redact_url
+
 M = TypeVar("M", bound=BaseModel)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -137,7 +139,10 @@ def explain_validation_error(model: type[BaseModel], err: ValidationError, path:
             msg = e["msg"].removeprefix("Value error, ")
             echo_ok = not any(_looks_secret(part) for part in loc)
             if echo_ok and "input" in e and not isinstance(e["input"], (dict, list)):
-                msg += f" (got {e['input']!r})"
+                shown = e["input"]
+                if isinstance(shown, str) and "://" in shown:  # a URL may carry a password (redis://:pw@…)
+                    shown = redact_url(shown)
+                msg += f" (got {shown!r})"
         out.append(f"{_where(path, lines, loc)}: {msg}")
     return "\n".join(out)
 
