@@ -88,7 +88,7 @@ class PolicyStore:
         if not self.dir.is_dir():
             raise ConfigError(f"policies_dir: {self.dir} is not a folder")
         self._good: dict[str, _Loaded] = {}  # file name → last version that validated
-        self._signatures: dict[str, tuple[int, int]] = {}
+        self._signatures: dict[str, tuple[int, int, int]] = {}
         self.current = self._build(strict=strict)
         if self.current.open and not allow_open:
             raise ConfigError(f"{self.dir}: no policy file has api_keys, so every client would be served with "
@@ -99,14 +99,17 @@ class PolicyStore:
 
     # ----- loading -----
 
-    def _files(self) -> dict[str, tuple[int, int]]:
+    def _files(self) -> dict[str, tuple[int, int, int]]:
+        # stat() follows symlinks: a Kubernetes ConfigMap volume shows each key as `name -> ..data/name` and
+        # publishes a version by swapping `..data` to a folder of new files. The inode tells those apart even
+        # when size and mtime match (same length, written within one tick of the filesystem clock).
         out = {}
         for path in sorted(self.dir.glob("*.yaml")):
             try:
                 st = path.stat()
             except OSError:
                 continue  # removed between glob and stat
-            out[path.name] = (st.st_mtime_ns, st.st_size)
+            out[path.name] = (st.st_mtime_ns, st.st_size, st.st_ino)
         return out
 
 
