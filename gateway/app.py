@@ -55,6 +55,7 @@ def create_app(config: GatewayConfig) -> Starlette:
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         watcher = asyncio.create_task(gateway.policies.watch()) if config.policies_reload_s else None
+        gateway.cache.start()
         try:
             with logs_off_the_loop():
                 yield

@@ -13,7 +13,7 @@ import logging
 import time
 from binascii import hexlify
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -36,6 +36,7 @@ _POOL_EXHAUSTED: tuple[type[BaseException], ...] = tuple(
     e for e in [getattr(redis.exceptions, "MaxConnectionsError", None)] if e is not None)
 _MAX_CONNECTIONS = 1024
 _TIMEOUTS_FOR_DOWN = 2
+_SETUP_TIMEOUT_S = 5.0  # mapping a Redis Cluster, in the background
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,6 +125,7 @@ class VerdictCache:
         self._bases: dict[tuple[str, str], hashlib._Hash] = {}
         self._inflight: dict[bytes, asyncio.Future[ScoredVerdict]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self._setup: asyncio.Task[None] | None = None
         self._redis_down = False
         self._timeouts = 0  # timeouts in a row, without a success in between
         self._retry_at = 0.0  # monotonic; while down, Redis is not tried before this
@@ -168,12 +170,16 @@ class VerdictCache:
                 "guard_calls": self.guard_calls, "coalesced": self.coalesced, "redis_errors": self.redis_errors,
                 "bypassed": self.bypassed, "local_entries": len(self._local)}
 
+    def start(self) -> None:
+        """What can be done before the first request, in the background: map a Redis Cluster."""
+        self._redis_set_up()
+
     async def ready(self) -> tuple[bool, str]:
         """Always ready: without Redis the cache still serves, it only says so."""
         if self._redis is None:
             return True, "in-process only"
         was_down = self._redis_down
-        if self._redis_due():
+        if self._redis_due() and self._redis_set_up():
             try:
                 async with asyncio.timeout(self.redis_timeout_s):
                     await self._redis.client.ping()
@@ -183,6 +189,8 @@ class VerdictCache:
                 self._redis_ok(was_down)
         if self._redis_down:
             return True, "degraded: redis unreachable, scoring without it"
+        if self._setup is not None and not self._setup.done():
+            return True, "connecting: mapping the Redis Cluster, scoring without it meanwhile"
         return True, "ok"
 
     async def aclose(self) -> None:
@@ -321,9 +329,32 @@ class VerdictCache:
             log.info("verdict cache: redis is back", extra={"fields": {
                 "event": "cache_redis_recovered", "redis": self._url}})
 
+    def _redis_set_up(self) -> bool:
+        """Whether the client can take a call now. A Cluster client first maps the cluster, which takes longer
+        than one call's timeout: that runs once in the background, with a budget of its own, and calls go
+        without Redis meanwhile (misses, not errors)."""
+        conn = self._redis
+        if conn is None or conn.setup is None or not conn.needs_setup():
+            return True
+        if self._setup is None or self._setup.done():
+            self._setup = task = asyncio.get_running_loop().create_task(self._set_up(conn.setup))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        return False
+
+    async def _set_up(self, setup: Callable[[], Awaitable[object]]) -> None:
+        probe = self._redis_down
+        try:
+            async with asyncio.timeout(_SETUP_TIMEOUT_S):
+                await setup()
+        except Exception as e:
+            self._redis_failed(e, "connect")
+        else:
+            self._redis_ok(probe)
+
     async def _redis_get(self, keys: list[bytes]) -> dict[bytes, Verdict]:
         probe = self._redis_down
-        if not self._redis_due():
+        if not self._redis_due() or not self._redis_set_up():
             return {}
         try:
             async with asyncio.timeout(self.redis_timeout_s):
@@ -340,7 +371,7 @@ class VerdictCache:
 
     async def _redis_set(self, fresh: list[tuple[bytes, Verdict]]) -> None:
         probe = self._redis_down
-        if not fresh or not self._redis_due():
+        if not fresh or not self._redis_due() or not self._redis_set_up():
             return
         try:
             async with asyncio.timeout(self.redis_timeout_s):

@@ -85,15 +85,24 @@ def _host_port(hostport: str, scheme: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _ready() -> bool:
+    return False
+
+
 @dataclass(frozen=True)
 class RedisConnection:
     """A client for the verdict cache, whatever the topology: `mget` reads keys of any slot (a Cluster
-    splits them by slot), `aclose` closes everything the URL opened (Sentinel clients included)."""
+    splits them by slot), `aclose` closes everything the URL opened (Sentinel clients included).
+
+    `needs_setup()` is true while a Cluster client has no map of the cluster (at first, and again after a
+    node failed); `setup()` makes it (CLUSTER SLOTS and COMMAND: slower than one cache call may take)."""
 
     client: aioredis.Redis | RedisCluster
     kind: Kind
     mget: Callable[[Sequence[bytes]], Awaitable[list[Any]]]
     aclose: Callable[[], Awaitable[None]]
+    needs_setup: Callable[[], bool] = _ready
+    setup: Callable[[], Awaitable[Any]] | None = None
 
 
 def connect(url: str, **options: Any) -> RedisConnection:
@@ -111,7 +120,10 @@ def connect(url: str, **options: Any) -> RedisConnection:
     if target.kind == "cluster":
         cluster = RedisCluster(startup_nodes=[ClusterNode(h, p) for h, p in target.nodes], ssl=target.ssl,
                                **auth, **options)
-        return RedisConnection(cluster, "cluster", cluster.mget_nonatomic, cluster.aclose)
+        # redis-py keeps "not mapped yet" in `_initialize` (its initialize() is a no-op once mapped). Without
+        # that attribute the map is made inside the first calls, as redis-py does by default.
+        return RedisConnection(cluster, "cluster", cluster.mget_nonatomic, cluster.aclose,
+                               lambda: getattr(cluster, "_initialize", False) is True, cluster.initialize)
     sentinel_kwargs = {k: v for k, v in options.items() if k.startswith("socket_")}
     sentinel_kwargs.update(username=target.sentinel_username, password=target.sentinel_password)
     sentinel = Sentinel(list(target.nodes), sentinel_kwargs=sentinel_kwargs)

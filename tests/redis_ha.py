@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Callable
@@ -45,11 +46,27 @@ def wait_for(check: Callable[[], object], what: str, timeout_s: float = 20) -> N
         time.sleep(0.05)
 
 
+def cluster_port() -> int:
+    """A free port whose cluster bus port (always port + 10000) is free too."""
+    for _ in range(200):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise AssertionError("no free port pair for a cluster node")
+
+
 class Node:
     """One redis-server process (a data node or a Sentinel) in a folder of its own."""
 
-    def __init__(self, binary: str, workdir: Path, args: list[str], *, sentinel: bool = False) -> None:
-        self.port = free_port()
+    def __init__(self, binary: str, workdir: Path, args: list[str], *, sentinel: bool = False,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
         self.dir = workdir / f"node-{self.port}"
         self.dir.mkdir(parents=True)
         self.log = self.dir / "redis.log"
@@ -124,7 +141,7 @@ class ClusterSetup:
     def __init__(self, workdir: Path) -> None:
         server, cli = binaries("redis-server", "redis-cli")
         self.nodes = [Node(server, workdir, ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf",
-                                             "--cluster-node-timeout", "2000"]) for _ in range(3)]
+                                             "--cluster-node-timeout", "2000"], port=cluster_port()) for _ in range(3)]
         try:
             for node in self.nodes:
                 node.start()

@@ -17,7 +17,7 @@ import pytest
 
 from gateway.cache import ScoredVerdict, VerdictCache
 from gateway.guard.base import GuardInput
-from tests.conftest import closed_port, serve_gateway
+from tests.conftest import ADMIN_KEY, closed_port, serve_gateway
 from tests.redis_ha import ClusterSetup, SentinelSetup, wait_for
 from tests.test_cache import FakeGuard, fake_verdict
 
@@ -50,6 +50,10 @@ def second_process_sees(config_path: Path, text: str) -> None:
     port = closed_port()
     proc = serve_gateway(config_path, port)
     try:
+        def cache_ok() -> bool:  # a Cluster client maps the cluster first, in the background
+            return httpx.get(f"http://127.0.0.1:{port}/admin/readiness", headers={
+                "authorization": f"Bearer {ADMIN_KEY}"}).json()["checks"]["cache"]["status"] == "ok"
+        wait_for(cache_ok, "the second gateway's cache to be connected", 15)
         raw = chat(f"http://127.0.0.1:{port}", text)
         assert raw.parse().choices[0].message.content == f"You said: {text}"
         assert raw.headers["x-guard-prompt-verdict-from"] == "redis"
@@ -121,12 +125,35 @@ def test_unreachable_sentinels_never_fail_a_request(make_gateway, guard, upstrea
 # ----- Cluster -----
 
 
+def cluster_keys(setup: ClusterSetup) -> int:
+    total = 0
+    for node in setup.nodes:
+        if node.proc is not None:
+            with node.client() as c:
+                total += c.dbsize()
+    return total
+
+
+def until_the_cluster_is_in_use(gw, setup: ClusterSetup) -> None:
+    """The client maps the Cluster in the background; meanwhile requests are scored without it."""
+    before = cluster_keys(setup)
+
+    def written() -> bool:
+        raw = chat(gw.url, f"mapping the cluster {time.monotonic()}")
+        assert raw.parse().choices[0].finish_reason == "stop"
+        return cluster_keys(setup) > before
+    wait_for(written, "verdicts written to the Cluster", 15)
+
+
 def test_a_verdict_cached_in_a_cluster_is_a_hit_for_a_second_gateway_process(
         make_gateway, cluster_setup, guard, upstream):
-    gw = ha_gateway(make_gateway, cluster_setup.url)
+    gw = make_gateway(cache={"redis_url": cluster_setup.url})  # the default timeouts (0.1 s a call)
+    until_the_cluster_is_in_use(gw, cluster_setup)
     assert chat(gw.url, "What is a haiku?").headers["x-guard-prompt-verdict-from"] == "guard"
+    calls = len(guard.requests)
+    wait_for(lambda: cluster_keys(cluster_setup) >= 2, "the verdicts written")
     second_process_sees(gw.config_path, "What is a haiku?")
-    assert len(guard.requests) == 2
+    assert len(guard.requests) == calls
     assert gw.details()["checks"]["cache"]["status"] == "ok"
 
 
@@ -134,11 +161,18 @@ def test_one_batch_spans_every_cluster_node_and_is_read_back_whole(cluster_setup
     items = [GuardInput("prompt", f"cluster text {i}") for i in range(30)]
 
     async def run() -> None:
-        one, two = VerdictCache(cluster_setup.url), VerdictCache(cluster_setup.url)
+        # A generous timeout: this is about spanning slots (one MGET per slot, over three nodes), not speed.
+        one, two = (VerdictCache(cluster_setup.url, redis_timeout_s=5) for _ in range(2))
         g1, g2 = FakeGuard(), FakeGuard()
         try:
+            one.start()
+            while (await one.ready())[1] != "ok":
+                await asyncio.sleep(0.01)
             assert [sv.source for sv in await one.score(g1, items)] == ["guard"] * 30
             await one.aclose()  # lets the Redis write finish
+            two.start()
+            while (await two.ready())[1] != "ok":  # mapping the Cluster, in the background
+                await asyncio.sleep(0.01)
             # Keys spread over the slots, so over all three masters; one MGET per slot, back in order.
             out = await two.score(g2, items)
             assert out == [ScoredVerdict(fake_verdict(i), "redis") for i in items]
@@ -152,3 +186,17 @@ def test_one_batch_spans_every_cluster_node_and_is_read_back_whole(cluster_setup
         with node.client() as c:
             sizes.append(c.dbsize())
     assert all(n > 0 for n in sizes) and sum(sizes) >= 30
+
+
+def test_a_cluster_node_going_away_fails_no_request(make_gateway, tmp_path, guard, upstream):
+    setup = ClusterSetup(tmp_path / "cluster")
+    try:
+        gw = ha_gateway(make_gateway, setup.url)
+        until_the_cluster_is_in_use(gw, setup)
+        setup.nodes[2].stop()  # its slots are lost: no replica takes them over
+        for i in range(10):  # whichever node a text's key lives on, the request is answered
+            raw = chat(gw.url, f"one node down {i}")
+            assert raw.parse().choices[0].message.content == f"You said: one node down {i}"
+        assert httpx.get(f"{gw.url}/readyz").status_code == 200
+    finally:
+        setup.stop()
