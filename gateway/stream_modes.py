@@ -64,6 +64,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
     checked: dict[int, int] = {}  # choice → size of the answer its last check covered
     inflight: dict[int, asyncio.Task[None]] = {}  # window checks, at most one per choice
     finals: dict[int, asyncio.Task[None]] = {}  # checks of a complete answer
+    final_started: set[int] = set()
     failures: list[bytes] = []  # the error event that ends the stream, if any
     upstream_error: list[Exception] = []
 
@@ -101,21 +102,29 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
             changed.set()
 
     def start(index: int, final: bool) -> None:
-        size = checked[index] = hold.texts.size(index)
+        size = hold.texts.size(index)
+        if final:
+            final_started.add(index)
+        else:
+            checked[index] = size
         (finals if final else inflight)[index] = asyncio.create_task(
             check(index, size, hold.texts.text(index), final))
 
     def schedule() -> None:
         for index in hold.texts.indexes():
-            if hold.settled(index) or index in finals:
+            if hold.settled(index):
                 continue
             size, done = hold.texts.size(index), checked.get(index, 0)
-            if hold.complete(index):
-                if size == 0:
-                    hold.approve(index, 0)  # an empty answer: nothing to score
-                elif size > done or hold.require_final:
+            if hold.complete(index) and size == 0:
+                hold.approve(index, 0)  # an empty answer: nothing to score
+            elif hold.complete(index):
+                if index not in final_started and (size > done or hold.require_final):
                     start(index, final=True)
                 # else the window check in flight covers the whole answer, and its approval is final
+                if hold.require_final and index not in inflight and size > done:
+                    # The final check reasons and is slower: a window check releases the text meanwhile,
+                    # and only the finish waits for the final verdict.
+                    start(index, final=False)
             elif index not in inflight and size - done >= (window if index in checked else first):
                 start(index, final=False)
 
@@ -136,7 +145,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                 reader.cancel()
                 await asyncio.wait([reader])
                 await close_upstream(resp)
-            if reader.done() and not inflight and not finals and not _schedulable(hold, checked):
+            if reader.done() and not inflight and not finals and not _schedulable(hold, checked, final_started):
                 break  # every choice settled, or nothing left that a check could release
             await changed.wait()
         for data in hold.finish(done=not upstream_error):
@@ -153,9 +162,9 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
         await close_upstream(resp)
 
 
-def _schedulable(hold: HoldBack, checked: dict[int, int]) -> bool:
-    return any(not hold.settled(i) and (hold.texts.size(i) > checked.get(i, 0) or hold.texts.size(i) == 0
-                                        or hold.require_final)
+def _schedulable(hold: HoldBack, checked: dict[int, int], final_started: set[int]) -> bool:
+    return any(not hold.settled(i) and i not in final_started
+               and (hold.texts.size(i) > checked.get(i, 0) or hold.texts.size(i) == 0 or hold.require_final)
                for i in hold.texts.indexes())
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, model_validator
 
 from gateway.guard.base import HARM_CATEGORIES
+from gateway.yamlfile import on_off
 
 # The FlexGuard card's rubric thresholds (Option A).
 PRESETS: dict[str, int] = {"strict": 20, "moderate": 40, "loose": 60}
@@ -26,7 +27,7 @@ Category = Literal["VIO", "ILG", "SEX", "INF", "DIS", "MIS", "JAIL"]
 Action = Literal["block", "flag", "shadow"]
 # Whether a reasoning guard (FlexGuard) writes its <think> block first. default: as `guard.reasoning` says.
 # The FlexGuard card validates its scores with reasoning on; off is several times faster.
-Reasoning = Literal["default", "on", "off"]
+Reasoning = Annotated[Literal["default", "on", "off"], BeforeValidator(on_off)]
 
 if set(Category.__args__) != set(HARM_CATEGORIES):  # type: ignore[attr-defined]
     raise ImportError("policy categories differ from the guard's category set")
