@@ -8,6 +8,7 @@ everywhere else.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -169,38 +170,47 @@ def _schedulable(hold: HoldBack, checked: dict[int, int], final_started: set[int
 
 
 class Primed:
-    """An event stream whose first piece is being prepared before anyone reads it (`prompt.timing:
-    parallel`: the answer is read and checked while the prompt is scored). `aclose` stops it unsent."""
+    """An event stream that runs before anyone reads it (`prompt.timing: parallel`): while the prompt is
+    scored, the answer is read and checked, and what the checks release waits here. Once read, it hands
+    over what waits and then passes the stream on as it comes. `aclose` stops it unsent."""
 
     def __init__(self, events: AsyncIterator[bytes]) -> None:
         self._events = events
-        self._first: asyncio.Task[bytes | None] | None = asyncio.ensure_future(self._step())
+        self._waiting: deque[bytes] = deque()
+        self._read = False  # someone reads: the pump stops after its current piece
+        self._ended = False
+        self._pump: asyncio.Task[None] | None = asyncio.ensure_future(self._fill())
 
-    async def _step(self) -> bytes | None:
-        try:
-            return await anext(self._events)
-        except StopAsyncIteration:
-            return None
+    async def _fill(self) -> None:
+        while not self._read:
+            try:
+                piece = await anext(self._events)
+            except StopAsyncIteration:
+                self._ended = True
+                return
+            self._waiting.append(piece)
 
     def __aiter__(self) -> Primed:
         return self
 
     async def __anext__(self) -> bytes:
-        if self._first is not None:
-            first, self._first = self._first, None
-            piece = await first
-            if piece is None:
-                raise StopAsyncIteration
-            return piece
+        self._read = True
+        if not self._waiting and self._pump is not None:
+            pump, self._pump = self._pump, None
+            await pump  # its current piece, or the end
+        if self._waiting:
+            return self._waiting.popleft()
+        if self._ended:
+            raise StopAsyncIteration
         return await anext(self._events)
 
     async def aclose(self) -> None:
-        if self._first is not None:
-            first, self._first = self._first, None
-            first.cancel()
-            await asyncio.wait({first})
-            if not first.cancelled():
-                first.exception()  # retrieved: nobody will send what it prepared, nor report its failure
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            pump.cancel()
+            await asyncio.wait({pump})
+            if not pump.cancelled():
+                pump.exception()  # retrieved: nobody will send what it prepared, nor report its failure
         close = getattr(self._events, "aclose", None)
         if close is not None:
             await close()

@@ -69,12 +69,13 @@ def test_in_parallel_mode_a_windowed_stream_pays_the_prompt_check_only_where_it_
         make_gateway, guard, upstream):
     guard.delay_s = 0.8
     upstream.answers = [BENIGN]
-    upstream.first_chunk_delay_s = 0.8
+    upstream.first_chunk_delay_s = 0.1
+    upstream.chunk_delay_s = 0.005  # the text comes after the role chunk, not in one read with it
     gw = make_gateway("prompt: {timing: parallel}\nresponse: {stream: windowed, window: 64, first_window: 32}\n")
     took = _first_token_s(gw.client())
-    # Prompt check (0.8) alongside upstream (0.8) + first window check (0.8): 1.6, not 2.4.
-    assert took < 2.15, f"first token after {took:.2f} s"
-    assert _wait_for(lambda: len(guard.answered) >= 2)
+    # The first window is read and checked while the prompt is scored: max(0.8, 0.1 + 0.8) = 0.9 s, where
+    # one after the other would be 0.8 + 0.1 + 0.8 = 1.7 s.
+    assert took < 1.35, f"first token after {took:.2f} s"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -187,15 +188,15 @@ def test_a_slow_guard_keeps_a_windowed_stream_in_order_fully_scored_and_stalling
 
 
 def test_the_check_of_the_whole_answer_does_not_wait_for_the_window_check_in_flight(make_gateway, guard, upstream):
-    guard.delay_s = 0.8
-    upstream.answers = [BENIGN * 3]  # ~400 characters, over in ~0.4 s
-    upstream.chunk_delay_s = 0.004
+    guard.delay_s = 1.2
+    upstream.answers = [BENIGN * 2]  # ~280 characters, over in a fraction of a second
+    upstream.chunk_delay_s = 0.002
     gw = make_gateway("response: {stream: windowed, window: 64, first_window: 32}\n")
     (texts, finish, _), took = _timed(lambda: stream_text(gw.client()))
-    assert texts == {0: BENIGN * 3} and finish == {0: "stop"}
-    # prompt 0.8 + first window 0.8 + the final check started alongside the second window check: ~2.4 s,
-    # where waiting for that window check first would take ~3.2 s.
-    assert took < 3.0, f"the stream took {took:.2f} s"
+    assert texts == {0: BENIGN * 2} and finish == {0: "stop"}
+    # The prompt check (1.2), then the first window's check (1.2), during which the answer completes: the
+    # final check starts then, alongside it (~2.7 s in all), not after it (3.6 s).
+    assert took < 3.2, f"the stream took {took:.2f} s"
 
 
 # ----- reasoning per stage -----
