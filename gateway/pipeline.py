@@ -283,8 +283,8 @@ class Gateway:
         else:
             events = stream_modes.passthrough(report, resp)
         if report.policy.prompt.timing == "parallel":
-            # The prompt is still being scored: prepare the first piece meanwhile (it is sent only once the
-            # prompt's verdict allows the response to be returned).
+            # The prompt is still being scored: read and check the answer meanwhile (what the checks release
+            # is sent only once the prompt's verdict allows this response to be returned).
             events = stream_modes.Primed(events)
         return StreamingResponse(events, status_code=200, media_type="text/event-stream",
                                  headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})

@@ -53,8 +53,8 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
     A check scores the whole answer so far (with the prompt, the card's response template). The first comes
     at `first_window` characters, to cut the time to first token; then one window check per choice is in
     flight at a time while reading goes on, and the next starts as soon as it ends and `window` new
-    characters wait. With a slow guard a window is therefore what arrived during the last check: the client
-    gets a piece about every guard call, never later than `window` characters' worth of text. The check of
+    characters wait. With a slow guard a window is therefore what arrived during the last check, and the
+    client gets a piece about every guard call (with a fast one, every `window` characters). The check of
     the whole answer starts as soon as the answer is complete, without waiting for a window check still in
     flight (whose text it covers).
     """
