@@ -113,6 +113,32 @@ def test_a_blocked_prompt_in_parallel_mode_is_400_on_the_wire_with_no_stream_byt
     assert r.headers["x-guard-prompt-decision"] == "block"
 
 
+def test_an_allowed_parallel_stream_carries_the_prompts_verdict_headers(make_gateway, guard, upstream):
+    guard.delay_s = 0.3
+    upstream.answers = [BENIGN]
+    gw = make_gateway("prompt: {timing: parallel}\n")
+    with httpx.stream("POST", f"{gw.url}/v1/chat/completions", timeout=10, json={
+            "model": "m", "stream": True, "messages": PROMPT}) as r:
+        body = r.read().decode()
+    assert r.status_code == 200 and r.headers["x-guard-prompt-decision"] == "allow"
+    assert r.headers["x-guard-stream-mode"] == "windowed" and body.endswith("data: [DONE]\n\n")
+
+
+def test_a_client_leaving_during_a_parallel_prompt_check_closes_the_upstream_stream(make_gateway, guard, upstream):
+    guard.delay_s = 3.0
+    upstream.answers = [BENIGN * 40]
+    upstream.chunk_delay_s = 0.01  # ~14 s to generate in full
+    gw = make_gateway("prompt: {timing: parallel}\n")
+    started = time.monotonic()
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{gw.url}/v1/chat/completions", timeout=httpx.Timeout(0.8), json={
+            "model": "m", "stream": True, "messages": PROMPT})
+    assert _wait_for(lambda: bool(upstream.streams) and "closed_at" in upstream.streams[-1]), \
+        "the upstream stream was left running"
+    assert upstream.streams[-1]["completed"] is False
+    assert upstream.streams[-1]["closed_at"] - started < 2.5  # at the hang-up, not when the guard answered
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_a_harmful_answer_is_still_withheld_in_parallel_mode(make_gateway, guard, upstream, stream):
     guard.delay_s = 0.2
