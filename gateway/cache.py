@@ -64,13 +64,16 @@ def verdict_key(identity: str, item: GuardInput, base: hashlib._Hash | None = No
     """The 32-byte digest naming one verdict: guard identity, stage, and the texts that stage scores.
 
     The prompt stage scores only the user text, so `assistant` is not part of a prompt key; in the response
-    stage a missing answer is scored as "" (as FlexGuard does), so None and "" share a key. `base`: the
+    stage a missing answer is scored as "" (as FlexGuard does), so None and "" share a key. A reasoning
+    switch set on the input is part of the key (the identity holds the guard's own setting). `base`: the
     identity and stage already hashed (`_base_hash`), to be copied instead of hashed again.
     """
     h = base.copy() if base is not None else _base_hash(identity, item.stage)
     _update_framed(h, item.user)
     if item.stage == "response":
         _update_framed(h, item.assistant or "")
+    if item.reasoning is not None:  # asked with reasoning switched away from the guard's own setting
+        _update_framed(h, f"reasoning={'on' if item.reasoning else 'off'}")
     return h.digest()
 
 

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
 
 from gateway.redis_client import parse_redis_url
-from gateway.yamlfile import load_model
+from gateway.yamlfile import load_model, on_off
 
 
 class _Strict(BaseModel):
@@ -94,7 +94,8 @@ class GuardConfig(_Strict):
     max_tokens: int = Field(2048, ge=16)
     # Qwen3's template takes enable_thinking; the card validates the model with thinking on.
     chat_template_kwargs: dict[str, object] = Field(default_factory=lambda: dict[str, object](enable_thinking=True))
-    reasoning: Literal["on", "off"] = Field("on", description="off: no <think> block (faster; not validated by the card)")
+    reasoning: Annotated[Literal["on", "off"], BeforeValidator(on_off)] = Field(
+        "on", description="off: no <think> block (faster; not validated by the card)")
     # BingoGuard.
     severity_rubrics: Path | None = None
     chat_template: Path | None = None

@@ -10,13 +10,13 @@ import logging
 import time
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from gateway.cache import VerdictCache
 from gateway.errors import GatewayError, GuardUnavailable
-from gateway.guard.base import SAFE, Guard, GuardError, GuardInput, Stage
+from gateway.guard.base import SAFE, Guard, GuardError, GuardInput, Stage, reasoning_default
 from gateway.policy.decide import Decision, decide
-from gateway.policy.schema import Policy
+from gateway.policy.schema import Policy, Reasoning
 
 log = logging.getLogger("guardgate")
 
@@ -102,12 +102,24 @@ class Moderator:
     def __init__(self, guard: Guard, cache: VerdictCache) -> None:
         self.guard, self.cache = guard, cache
 
+    def reasoning(self, choice: Reasoning) -> bool | None:
+        """A policy's reasoning choice as the guard input's switch: None where it changes nothing (the
+        guard's own setting, or a guard without reasoning), so that such verdicts share one cache key."""
+        default = reasoning_default(self.guard)
+        if choice == "default" or default is None or (choice == "on") == default:
+            return None
+        return choice == "on"
+
     async def judge(self, report: Report, stage: Stage, inputs: Sequence[GuardInput],
-                    labels: Sequence[str | int | None], *, enforce: bool = True) -> list[Decision] | None:
+                    labels: Sequence[str | int | None], *, enforce: bool = True,
+                    reasoning: Reasoning = "default") -> list[Decision] | None:
         """Score and decide each input. None when the guard failed and the policy fails open; raises
         GuardUnavailable when it fails closed. `enforce=False` (audit) logs the decisions without reporting
-        them to the client, who has the answer already."""
+        them to the client, who has the answer already. `reasoning`: the policy's choice for this check."""
         policy = report.policy
+        switch = self.reasoning(reasoning)
+        if switch is not None:
+            inputs = [replace(i, reasoning=switch) for i in inputs]
         started = time.perf_counter()
         try:
             scored = await self.cache.score(self.guard, inputs, bypass=policy.bypass_cache)

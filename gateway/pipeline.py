@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import httpx
@@ -20,7 +22,15 @@ from gateway.openai_shapes import parse_chat_request
 from gateway.policy.schema import Policy
 from gateway.policy.store import PolicyStore
 from gateway.streaming import StreamProtocolError
-from gateway.texts import ENVELOPE_FIELDS, BadShape, choice_answer, request_texts, strings, withhold_choice
+from gateway.texts import (
+    ENVELOPE_FIELDS,
+    BadShape,
+    RequestTexts,
+    choice_answer,
+    request_texts,
+    strings,
+    withhold_choice,
+)
 from gateway.upstream import Upstream, response_headers
 
 log = logging.getLogger("guardgate")
@@ -55,6 +65,14 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+async def _discard(response: Response) -> None:
+    """Close a response that will never be sent (a streamed one holds an open upstream stream)."""
+    if isinstance(response, StreamingResponse):
+        close = getattr(response.body_iterator, "aclose", None)
+        if close is not None:
+            await close()
 
 
 def bearer_token(request: Request) -> str | None:
@@ -130,24 +148,57 @@ class Gateway:
             texts = request_texts(data, policy.prompt.scope)
             report.media = texts.media
 
+            options = data.get("stream_options")
+            keep_usage = isinstance(options, dict) and options.get("include_usage") is True
+            answer = functools.partial(self._answer, report, body, texts.context, bool(chat.stream), chat.n or 1,
+                                       keep_usage)
             if not policy.prompt.check:
                 report.skip("prompt")
+            elif texts.inputs and policy.prompt.timing == "parallel":
+                return await self._in_parallel(report, texts, answer)
             elif texts.inputs:
-                decisions = await self.moderator.judge(report, "prompt", texts.inputs, texts.labels)
-                if decisions and any(d.outcome == "block" for d in decisions):
-                    raise ClientError(400, policy.block_message, code="content_filter", param="messages")
-
-            if chat.stream:
-                options = data.get("stream_options")
-                keep_usage = isinstance(options, dict) and options.get("include_usage") is True
-                return await self._stream(report, body, texts.context, chat.n or 1, keep_usage)
-            resp = await self.upstream.send("POST", "/chat/completions", body)
-            return await self._moderate_completion(report, resp.status_code, resp.content,
-                                                   response_headers(resp), texts.context)
+                await self._check_prompt(report, texts)
+            return await answer()
         except GatewayError as e:
             if isinstance(e, UpstreamError):
                 report.log_upstream_error(e)
             return e.response(report.headers())
+
+    async def _check_prompt(self, report: Report, texts: RequestTexts) -> None:
+        """Score the request's texts; raises ClientError 400 content_filter if the policy blocks them."""
+        policy = report.policy
+        decisions = await self.moderator.judge(report, "prompt", texts.inputs, texts.labels,
+                                               reasoning=policy.prompt.reasoning)
+        if decisions and any(d.outcome == "block" for d in decisions):
+            raise ClientError(400, policy.block_message, code="content_filter", param="messages")
+
+    async def _answer(self, report: Report, body: bytes, context: str, stream: bool, choices: int,
+                      keep_usage: bool) -> Response:
+        """Forward the request and moderate its answer."""
+        if stream:
+            return await self._stream(report, body, context, choices, keep_usage)
+        resp = await self.upstream.send("POST", "/chat/completions", body)
+        return await self._moderate_completion(report, resp.status_code, resp.content,
+                                               response_headers(resp), context)
+
+    async def _in_parallel(self, report: Report, texts: RequestTexts,
+                           answer: Callable[[], Coroutine[Any, Any, Response]]) -> Response:
+        """`prompt.timing: parallel`: the upstream call (and the answer's own checks) run while the prompt is
+        scored. The answer's response goes to the client only once the prompt's verdict allows it; on a
+        block or a guard failure the upstream call is cancelled (its connection closed) or its stream closed."""
+        work = asyncio.ensure_future(answer())
+        try:
+            await self._check_prompt(report, texts)
+        except BaseException:
+            work.cancel()
+            await asyncio.wait({work})
+            if not work.cancelled():
+                if work.exception() is None:
+                    await _discard(work.result())
+            raise
+        response = await work
+        response.headers.update(report.headers())  # the prompt's verdict, known only now
+        return response
 
     async def _moderate_completion(self, report: Report, status: int, content: bytes,
                                    headers: dict[str, str], context: str) -> Response:
@@ -190,7 +241,8 @@ class Gateway:
             return set()
         keys = list(scored)
         decisions = await self.moderator.judge(report, "response",
-                                               [GuardInput("response", context, scored[k]) for k in keys], keys)
+                                               [GuardInput("response", context, scored[k]) for k in keys], keys,
+                                               reasoning=report.policy.response.reasoning)
         if decisions is None:
             return set()
         return {k for k, d in zip(keys, decisions) if d.outcome == "block"}
@@ -230,6 +282,10 @@ class Gateway:
             events = stream_modes.audit(self.moderator, report, resp, context, self._background)
         else:
             events = stream_modes.passthrough(report, resp)
+        if report.policy.prompt.timing == "parallel":
+            # The prompt is still being scored: read and check the answer meanwhile (what the checks release
+            # is sent only once the prompt's verdict allows this response to be returned).
+            events = stream_modes.Primed(events)
         return StreamingResponse(events, status_code=200, media_type="text/event-stream",
                                  headers={**upstream_headers, **report.headers(), "x-guard-stream-mode": mode})
 

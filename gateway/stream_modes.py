@@ -8,6 +8,7 @@ everywhere else.
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 
 import anyio
@@ -49,15 +50,22 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                    choices: int, keep_usage: bool = False) -> AsyncIterator[bytes]:
     """Release text only once the answer so far has been scored as allowed.
 
-    A check scores the whole answer so far (with the prompt, the card's response template) every
-    `window` characters and at the end; at most one check per choice is in flight, and reading the
-    upstream goes on meanwhile, so the client lags by at most about one window plus one guard call.
+    A check scores the whole answer so far (with the prompt, the card's response template). The first comes
+    at `first_window` characters, to cut the time to first token; then one window check per choice is in
+    flight at a time while reading goes on, and the next starts as soon as it ends and `window` new
+    characters wait. With a slow guard a window is therefore what arrived during the last check, and the
+    client gets a piece about every guard call (with a fast one, every `window` characters). The check of
+    the whole answer starts as soon as the answer is complete, without waiting for a window check still in
+    flight (whose text it covers).
     """
-    window = report.policy.response.window
-    hold = HoldBack()
+    settings = report.policy.response
+    window, first = settings.window, min(settings.first_window, settings.window)
+    hold = HoldBack(require_final=settings.window_reasoning != settings.reasoning)
     changed = asyncio.Event()
     checked: dict[int, int] = {}  # choice → size of the answer its last check covered
-    inflight: dict[int, asyncio.Task[None]] = {}
+    inflight: dict[int, asyncio.Task[None]] = {}  # window checks, at most one per choice
+    finals: dict[int, asyncio.Task[None]] = {}  # checks of a complete answer
+    final_started: set[int] = set()
     failures: list[bytes] = []  # the error event that ends the stream, if any
     upstream_error: list[Exception] = []
 
@@ -72,30 +80,54 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
             hold.end()
             changed.set()
 
-    async def check(index: int, size: int, text: str) -> None:
+    async def check(index: int, size: int, text: str, final: bool) -> None:
+        tasks = finals if final else inflight
         try:
-            decisions = await moderator.judge(report, "response", [GuardInput("response", context, text)], [index])
-            if decisions is not None and decisions[0].outcome == "block":
+            decisions = await moderator.judge(report, "response", [GuardInput("response", context, text)], [index],
+                                              reasoning=settings.reasoning if final else settings.window_reasoning)
+            if hold.settled(index):
+                pass  # the check of the whole answer, which covers this text, has decided already
+            elif decisions is not None and decisions[0].outcome == "block":
                 hold.block(index)
                 report.blocked_choices.add(index)
             else:  # allowed, flagged, shadowed, or fail-open: released
-                hold.approve(index, size)
+                hold.approve(index, size, final=final)
+                if final and index in inflight:
+                    inflight.pop(index).cancel()  # a prefix of what was just approved
         except GuardUnavailable as e:
-            failures.append(e.event())
+            if not hold.settled(index):
+                failures.append(e.event())
         finally:
-            inflight.pop(index, None)
+            if tasks.get(index) is asyncio.current_task():
+                tasks.pop(index)
             changed.set()
+
+    def start(index: int, final: bool) -> None:
+        size = hold.texts.size(index)
+        if final:
+            final_started.add(index)
+        else:
+            checked[index] = size
+        (finals if final else inflight)[index] = asyncio.create_task(
+            check(index, size, hold.texts.text(index), final))
 
     def schedule() -> None:
         for index in hold.texts.indexes():
-            if hold.settled(index) or index in inflight:
+            if hold.settled(index):
                 continue
-            size, complete = hold.texts.size(index), hold.complete(index)
-            if complete and size == 0:
+            size, done = hold.texts.size(index), checked.get(index, 0)
+            if hold.complete(index) and size == 0:
                 hold.approve(index, 0)  # an empty answer: nothing to score
-            elif size > checked.get(index, 0) and (complete or size - checked.get(index, 0) >= window):
-                checked[index] = size
-                inflight[index] = asyncio.create_task(check(index, size, hold.texts.text(index)))
+            elif hold.complete(index):
+                if index not in final_started and (size > done or hold.require_final):
+                    start(index, final=True)
+                # else the window check in flight covers the whole answer, and its approval is final
+                if hold.require_final and index not in inflight and size > done:
+                    # The final check reasons and is slower: a window check releases the text meanwhile,
+                    # and only the finish waits for the final verdict.
+                    start(index, final=False)
+            elif index not in inflight and size - done >= (window if index in checked else first):
+                start(index, final=False)
 
     reader = asyncio.create_task(read())
     try:
@@ -114,7 +146,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                 reader.cancel()
                 await asyncio.wait([reader])
                 await close_upstream(resp)
-            if reader.done() and not inflight and not _schedulable(hold, checked):
+            if reader.done() and not inflight and not finals and not _schedulable(hold, checked, final_started):
                 break  # every choice settled, or nothing left that a check could release
             await changed.wait()
         for data in hold.finish(done=not upstream_error):
@@ -126,14 +158,62 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
     finally:
         # Also on client disconnect (the generator is cancelled): stop reading, close the upstream.
         reader.cancel()
-        for task in inflight.values():
+        for task in [*inflight.values(), *finals.values()]:
             task.cancel()
         await close_upstream(resp)
 
 
-def _schedulable(hold: HoldBack, checked: dict[int, int]) -> bool:
-    return any(not hold.settled(i) and (hold.texts.size(i) > checked.get(i, 0) or hold.texts.size(i) == 0)
+def _schedulable(hold: HoldBack, checked: dict[int, int], final_started: set[int]) -> bool:
+    return any(not hold.settled(i) and i not in final_started
+               and (hold.texts.size(i) > checked.get(i, 0) or hold.texts.size(i) == 0 or hold.require_final)
                for i in hold.texts.indexes())
+
+
+class Primed:
+    """An event stream that runs before anyone reads it (`prompt.timing: parallel`): while the prompt is
+    scored, the answer is read and checked, and what the checks release waits here. Once read, it hands
+    over what waits and then passes the stream on as it comes. `aclose` stops it unsent."""
+
+    def __init__(self, events: AsyncIterator[bytes]) -> None:
+        self._events = events
+        self._waiting: deque[bytes] = deque()
+        self._read = False  # someone reads: the pump stops after its current piece
+        self._ended = False
+        self._pump: asyncio.Task[None] | None = asyncio.ensure_future(self._fill())
+
+    async def _fill(self) -> None:
+        while not self._read:
+            try:
+                piece = await anext(self._events)
+            except StopAsyncIteration:
+                self._ended = True
+                return
+            self._waiting.append(piece)
+
+    def __aiter__(self) -> Primed:
+        return self
+
+    async def __anext__(self) -> bytes:
+        self._read = True
+        if not self._waiting and self._pump is not None:
+            pump, self._pump = self._pump, None
+            await pump  # its current piece, or the end
+        if self._waiting:
+            return self._waiting.popleft()
+        if self._ended:
+            raise StopAsyncIteration
+        return await anext(self._events)
+
+    async def aclose(self) -> None:
+        if self._pump is not None:
+            pump, self._pump = self._pump, None
+            pump.cancel()
+            await asyncio.wait({pump})
+            if not pump.cancelled():
+                pump.exception()  # retrieved: nobody will send what it prepared, nor report its failure
+        close = getattr(self._events, "aclose", None)
+        if close is not None:
+            await close()
 
 
 async def buffered(resp: httpx.Response, blocked_of: Callable[[dict[int, str]], Awaitable[set[int]]]) -> bytes:
@@ -174,7 +254,7 @@ async def audit(moderator: Moderator, report: Report, resp: httpx.Response, cont
         indexes = list(answers)
         task = asyncio.create_task(_quietly(moderator.judge(
             report, "response", [GuardInput("response", context, answers[i]) for i in indexes], indexes,
-            enforce=False)))
+            enforce=False, reasoning=report.policy.response.reasoning)))
         background.add(task)
         task.add_done_callback(background.discard)
 

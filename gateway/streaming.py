@@ -354,7 +354,10 @@ class HoldBack:
     `finish_reason: content_filter` chunk. Pure bookkeeping: the caller scores and says what was approved.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, *, require_final: bool = False) -> None:
+        # require_final: a choice's finish waits for an approval marked final (the check of its whole
+        # answer), not merely for approved text that happens to cover it.
+        self.require_final = require_final
         self.texts = ChoiceTexts()
         self._held: deque[_Held] = deque()
         self._approved: dict[int, int] = {}
@@ -370,11 +373,12 @@ class HoldBack:
             self._envelope = event.json
         self._held.append(_Held(event, self.texts.add(event)))
 
-    def approve(self, index: int, size: int) -> None:
+    def approve(self, index: int, size: int, *, final: bool = True) -> None:
         if index in self._blocked:
             return
         self._approved[index] = max(self._approved.get(index, 0), size)
-        if self.complete(index) and self._approved[index] >= self.texts.size(index):
+        if (final or not self.require_final) and self.complete(index) \
+                and self._approved[index] >= self.texts.size(index):
             self._final.add(index)
 
     def complete(self, index: int) -> bool:
@@ -384,7 +388,7 @@ class HoldBack:
     def end(self) -> None:
         """The upstream is over: every choice's answer is now complete as it stands."""
         self.ended = True
-        for index in self.texts.indexes():
+        for index in [] if self.require_final else self.texts.indexes():
             if index not in self._blocked and self._approved.get(index, 0) >= self.texts.size(index) \
                     and index in self._approved:
                 self._final.add(index)

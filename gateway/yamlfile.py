@@ -20,6 +20,11 @@ _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 MAX_FILE_BYTES = 1024 * 1024
 
 
+def on_off(v: object) -> object:
+    """YAML reads a bare `on` / `off` as true / false: take them back as the words they were written as."""
+    return {True: "on", False: "off"}.get(v, v) if isinstance(v, bool) else v
+
+
 class ConfigError(Exception):
     """A config or policy file is wrong. The message is meant for the operator, one problem per line."""
 

@@ -75,9 +75,11 @@ class GuardBehaviour:
     requests: list[dict] = field(default_factory=list)
     # (stage, received, answered) per call, on the monotonic clock the tests share with in-process servers
     timings: list[tuple[str, float, float]] = field(default_factory=list)
+    answered: list[tuple[float, str]] = field(default_factory=list)  # (when, the classified text) per call
 
     def reset(self) -> None:
         self.timings.clear()
+        self.answered.clear()
         self.rules.clear()
         self.failure = None
         self.delay_s = 0.0
@@ -131,6 +133,9 @@ def guard_app(b: GuardBehaviour) -> Starlette:
             framed = " ".join(str(m.get("content")) for m in body.get("messages") or [] if isinstance(m, dict))
             stage = "response" if "\n[Assistant]: " in framed else "prompt"
             b.timings.append((stage, received, time.monotonic()))
+            messages = body.get("messages")
+            if isinstance(messages, list) and len(messages) > 1 and isinstance(messages[1], dict):
+                b.answered.append((time.monotonic(), b.classified_text(str(messages[1].get("content")))))
 
     async def answer(body: dict) -> Response:
         if body.get("model") != b.model:
@@ -166,6 +171,7 @@ class UpstreamBehaviour:
     error_body: dict | None = None
     chunk_chars: int = 4
     chunk_delay_s: float = 0.0  # between content chunks, as a model generating tokens
+    first_chunk_delay_s: float = 0.0  # a stream's time to first token (its headers go out at once)
     break_after_chunks: int | None = None  # drop the connection mid-stream
     answer_delay_s: float = 0.0  # a plain (not streamed) answer takes this long
     hung_up: list[float] = field(default_factory=list)  # when the gateway hung up on a plain answer
@@ -189,6 +195,7 @@ class UpstreamBehaviour:
         self.error_body = None
         self.chunk_chars = 4
         self.chunk_delay_s = 0.0
+        self.first_chunk_delay_s = 0.0
         self.break_after_chunks = None
         self.message = self.deltas = self.raw_body = self.raw_chunks = self.raw_stream = None
         self.ok_status, self.content_type = 200, None
@@ -269,6 +276,8 @@ def upstream_app(b: UpstreamBehaviour) -> Starlette:
 
         async def events():
             try:
+                if b.first_chunk_delay_s:
+                    await asyncio.sleep(b.first_chunk_delay_s)
                 async for data in _events():
                     if b.break_after_chunks is not None and record["chunks"] >= b.break_after_chunks:
                         raise ConnectionAbortedError("stand-in upstream drops the stream")

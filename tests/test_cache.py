@@ -101,6 +101,13 @@ def test_keys_differ_by_identity_stage_and_text_split():
     assert redis_key(base).startswith(KEY_PREFIX) and len(redis_key(base)) == len(KEY_PREFIX) + 64
 
 
+def test_a_reasoning_switch_on_the_input_is_part_of_its_key():
+    keys = {verdict_key(IDENTITY, GuardInput("response", "q", "a", reasoning=r)) for r in (None, True, False)}
+    assert len(keys) == 3
+    assert verdict_key(IDENTITY, GuardInput("prompt", "q", reasoning=False)) != verdict_key(
+        IDENTITY, GuardInput("prompt", "q"))
+
+
 def test_verdicts_are_stored_compactly_and_garbage_is_a_miss():
     assert encode_verdict(Verdict(85, ("VIO", "ILG"))) == b"85|VIO,ILG"
     assert decode_verdict(b"85|VIO,ILG") == Verdict(85, ("VIO", "ILG"))

@@ -120,3 +120,48 @@ def test_reasoning_off_prefills_an_empty_think_block_for_other_templates():
     # With the card's thinking on, no prefill.
     on = FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1", chat_template_kwargs={}))
     assert "continue_final_message" not in on.request_body(GuardInput("prompt", "x"))
+
+
+def test_an_inputs_reasoning_switch_overrides_the_guards_setting():
+    qwen = FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1"))  # reasoning on
+    assert qwen.reasoning_default is True
+    assert qwen.request_body(GuardInput("prompt", "x", reasoning=False))["chat_template_kwargs"] == {
+        "enable_thinking": False}
+    assert qwen.request_body(GuardInput("prompt", "x"))["chat_template_kwargs"] == {"enable_thinking": True}
+    off = FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1", reasoning="off"))
+    assert off.reasoning_default is False
+    assert off.request_body(GuardInput("prompt", "x", reasoning=True))["chat_template_kwargs"] == {
+        "enable_thinking": True}
+    llama = FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1", chat_template_kwargs={}))
+    body = llama.request_body(GuardInput("response", "q", "a", reasoning=False))
+    assert body["messages"][-1] == {"role": "assistant", "content": "<think>\n\n</think>\n\n"}
+
+
+def test_a_policys_reasoning_choice_becomes_a_switch_only_where_it_changes_the_guards_request():
+    from gateway.cache import VerdictCache
+    from gateway.guard.embedded import EmbeddedGuard
+    from gateway.moderation import Moderator
+
+    cache = VerdictCache(None)
+    on = Moderator(FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1")), cache)
+    assert [on.reasoning(c) for c in ("default", "on", "off")] == [None, None, False]
+    off = Moderator(FlexGuard(GuardConfig(base_url="http://127.0.0.1:1/v1", reasoning="off")), cache)
+    assert [off.reasoning(c) for c in ("default", "on", "off")] == [None, True, None]
+    # A guard without reasoning: nothing to switch, one cache key.
+    assert Moderator(EmbeddedGuard(), cache).reasoning("off") is None
+
+
+def test_reasoning_written_as_a_bare_yaml_on_or_off_is_read_as_the_word(tmp_path):
+    from gateway.config import load_config
+    from gateway.policy.store import PolicyStore
+
+    (tmp_path / "policies").mkdir()
+    (tmp_path / "policies" / "default.yaml").write_text(
+        "prompt: {reasoning: off, timing: parallel}\nresponse: {window_reasoning: off, reasoning: on}\n")
+    (tmp_path / "gateway.yaml").write_text(
+        "upstream: {base_url: 'http://127.0.0.1:1/v1'}\nguard: {base_url: 'http://127.0.0.1:2/v1', reasoning: off}\n")
+    assert load_config(tmp_path / "gateway.yaml").guard.reasoning == "off"
+    policy = PolicyStore(tmp_path / "policies", allow_open=True).current.for_api_key(None)
+    assert policy is not None
+    assert (policy.prompt.reasoning, policy.prompt.timing) == ("off", "parallel")
+    assert (policy.response.window_reasoning, policy.response.reasoning) == ("off", "on")

@@ -20,6 +20,9 @@ class GuardInput:
     stage: Stage
     user: str
     assistant: str | None = None
+    # Whether a reasoning guard writes its reasoning before the verdict; None: as the guard is configured.
+    # Part of the verdict's cache key when set (the guard is asked something else).
+    reasoning: bool | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -48,6 +51,12 @@ class GuardError(Exception):
         super().__init__(f"{kind}: {detail}")
         self.kind = kind
         self.detail = detail
+
+
+def reasoning_default(guard: object) -> bool | None:
+    """Whether the guard reasons unless told otherwise; None for a guard that has no reasoning switch."""
+    value = getattr(guard, "reasoning_default", None)
+    return value if isinstance(value, bool) else None
 
 
 class Guard(Protocol):

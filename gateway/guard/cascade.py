@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from gateway.guard.base import Guard, GuardInput, Verdict
+from gateway.guard.base import Guard, GuardInput, Verdict, reasoning_default
 
 
 class CascadeGuard:
@@ -24,6 +24,11 @@ class CascadeGuard:
     @property
     def identity(self) -> str:
         return self._identity
+
+    @property
+    def reasoning_default(self) -> bool | None:
+        """The second guard's: an input's reasoning switch is passed to it (the first has none)."""
+        return reasoning_default(self.second)
 
     def needs_second(self, verdict: Verdict) -> bool:
         lo, hi = self.uncertain

@@ -66,6 +66,11 @@ class FlexGuard(RemoteGuard):
                          api_key=config.api_key.get_secret_value() if config.api_key is not None else None,
                          cooldown_s=cooldown_s)
 
+    @property
+    def reasoning_default(self) -> bool:
+        """Whether the guard writes its <think> block unless an input says otherwise (`guard.reasoning`)."""
+        return self.config.reasoning == "on" and self.config.chat_template_kwargs.get("enable_thinking") is not False
+
     def request_body(self, item: GuardInput) -> dict[str, Any]:
         body: dict[str, Any] = {
             "model": self.config.model,
@@ -77,7 +82,10 @@ class FlexGuard(RemoteGuard):
             "skip_special_tokens": False,
         }
         kwargs = dict(self.config.chat_template_kwargs)
-        if self.config.reasoning == "off":
+        reasoning = self.reasoning_default if item.reasoning is None else item.reasoning
+        if reasoning and kwargs.get("enable_thinking") is False:
+            kwargs["enable_thinking"] = True  # this input asks for reasoning that the config turned off
+        if not reasoning:
             if "enable_thinking" in kwargs:
                 kwargs["enable_thinking"] = False  # the template writes the empty think block itself
             else:

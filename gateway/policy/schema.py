@@ -5,9 +5,10 @@ from __future__ import annotations
 import re
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PlainValidator, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, PlainValidator, model_validator
 
 from gateway.guard.base import HARM_CATEGORIES
+from gateway.yamlfile import on_off
 
 # The FlexGuard card's rubric thresholds (Option A).
 PRESETS: dict[str, int] = {"strict": 20, "moderate": 40, "loose": 60}
@@ -24,6 +25,9 @@ def _check_threshold(v: object) -> object:
 Threshold = Annotated[Preset | int, PlainValidator(_check_threshold)]
 Category = Literal["VIO", "ILG", "SEX", "INF", "DIS", "MIS", "JAIL"]
 Action = Literal["block", "flag", "shadow"]
+# Whether a reasoning guard (FlexGuard) writes its <think> block first. default: as `guard.reasoning` says.
+# The FlexGuard card validates its scores with reasoning on; off is several times faster.
+Reasoning = Annotated[Literal["default", "on", "off"], BeforeValidator(on_off)]
 
 if set(Category.__args__) != set(HARM_CATEGORIES):  # type: ignore[attr-defined]
     raise ImportError("policy categories differ from the guard's category set")
@@ -65,6 +69,12 @@ class PromptStagePolicy(StagePolicy):
     #   and the tool / schema definitions, each its own cached text. last_user_turn: only the last user
     #   message, cheaper and bypassable: harm placed anywhere else in the request is never scored.
     scope: Literal["conversation", "last_user_turn"] = "conversation"
+    # before: score the prompt, then call the upstream. parallel: call the upstream at once while the prompt
+    #   is scored; nothing of the answer is released before the prompt's verdict allows it, and a blocked
+    #   prompt's upstream call is cancelled. The trade: the provider sees prompts that are then blocked,
+    #   and may bill a cancelled generation.
+    timing: Literal["before", "parallel"] = "before"
+    reasoning: Reasoning = "default"
 
 
 class ResponseStagePolicy(StagePolicy):
@@ -75,6 +85,14 @@ class ResponseStagePolicy(StagePolicy):
     #   score afterwards, log and flag only (text is never held back: for tenants who accept that).
     stream: Literal["windowed", "buffered", "audit"] = "windowed"
     window: int = Field(400, ge=16, le=1_000_000, description="Characters of answer between two checks.")
+    # The first check comes sooner (cuts the time to first token); later checks start as soon as the one in
+    # flight ends and `window` new characters wait, so with a slow guard a window is what arrived meanwhile.
+    first_window: int = Field(64, ge=16, le=1_000_000, description="Characters before the first check "
+                              "(at most `window`).")
+    # Reasoning of the checks made while the answer streams, and of the check of the whole answer (a
+    # plain answer, a buffered stream, a windowed stream's last check, an audit).
+    window_reasoning: Reasoning = "default"
+    reasoning: Reasoning = "default"
 
 
 class Policy(BaseModel):
