@@ -13,6 +13,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import httpx
 
+from gateway import metrics
 from gateway.errors import GuardUnavailable, UpstreamError
 from gateway.guard.base import GuardInput
 from gateway.moderation import Moderator, Report
@@ -98,10 +99,12 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                 inflight[index] = asyncio.create_task(check(index, size, hold.texts.text(index)))
 
     reader = asyncio.create_task(read())
+    held = metrics.HeldChars()
     try:
         while True:
             changed.clear()
             schedule()
+            held.set(hold.held_chars())
             for data in hold.release():
                 yield data
             if failures:
@@ -125,6 +128,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
             yield failure.event()
     finally:
         # Also on client disconnect (the generator is cancelled): stop reading, close the upstream.
+        held.close()
         reader.cancel()
         for task in inflight.values():
             task.cancel()
