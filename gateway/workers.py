@@ -12,8 +12,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -52,10 +54,40 @@ def worker_main(config_path: str, host: str, port: int, parent: int) -> None:
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM
     config = load_config(config_path)
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     sock = reuseport_socket(host, port)
     uvicorn.Server(uvicorn_config(create_app(config), config, host=host, port=port)).run(sockets=[sock])
+
+
+# prometheus-client's multiprocess mode: each worker writes its metric values to files in this folder.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class MetricsDir:
+    """The workers' shared metrics folder: PROMETHEUS_MULTIPROC_DIR if the operator set it (emptied of an
+    earlier run's files), else a temporary folder of our own, removed at the end. Set in the environment
+    before any worker starts, so every worker (and only the workers) writes there."""
+
+    def __init__(self) -> None:
+        given = os.environ.get(MULTIPROC_ENV)
+        self.owned = not given
+        self.path = Path(given) if given else Path(tempfile.mkdtemp(prefix="guardgate-metrics-"))
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob("*.db"):  # values of processes that no longer exist
+            stale.unlink()
+        os.environ[MULTIPROC_ENV] = str(self.path)
+
+    def mark_dead(self, pid: int | None) -> None:
+        """A worker exited: its gauges stop counting (its counters stay in the totals)."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        if pid is not None:
+            mark_process_dead(pid, str(self.path))
+
+    def close(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class Supervisor:
@@ -65,6 +97,7 @@ class Supervisor:
         self.stopping = False
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no loop or pool inherited
         self.workers: dict[int, tuple[BaseProcess, float]] = {}  # slot → (process, started at)
+        self.metrics_dir: MetricsDir | None = None
 
     def _start(self, slot: int) -> None:
         proc = self._context.Process(target=worker_main, args=self.args, name=f"guardgate-worker-{slot}")
@@ -80,6 +113,14 @@ class Supervisor:
                 os.kill(proc.pid, signal.SIGTERM)
 
     def run(self) -> int:
+        self.metrics_dir = MetricsDir()
+        try:
+            return self._run()
+        finally:
+            self.metrics_dir.close()
+
+    def _run(self) -> int:
+        assert self.metrics_dir is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop_all)
         for slot in range(self.count):
@@ -101,6 +142,7 @@ class Supervisor:
                     continue
                 del self.workers[slot]
                 proc.join()
+                self.metrics_dir.mark_dead(proc.pid)
                 if self.stopping:
                     # uvicorn re-raises the SIGTERM it drained on, so a clean exit is 0 or -SIGTERM.
                     failed = failed or proc.exitcode not in (0, -signal.SIGTERM)
