@@ -3,7 +3,9 @@
 Each worker is a whole gateway (its own event loop, pools, in-process cache and policy watcher) bound to
 the port with SO_REUSEPORT, so the kernel spreads connections over the workers evenly; verdicts are shared
 through Redis. The supervisor serves nothing: it starts the workers, restarts one that dies, and on
-SIGTERM or SIGINT tells every worker to drain (finish the requests in flight, then exit) and waits.
+SIGTERM or SIGINT tells every worker to drain (finish the requests in flight, then exit) and waits. It also
+keeps the folder where the workers write their Prometheus metrics, so that any worker's GET /metrics
+answers for all of them.
 """
 
 from __future__ import annotations
@@ -126,7 +128,8 @@ class Supervisor:
         for slot in range(self.count):
             self._start(slot)
         log.info("workers started", extra={"fields": {
-            "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()]}})
+            "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()],
+            "metrics_dir": str(self.metrics_dir.path)}})
         failed = False
         served = False  # some worker has run past MIN_UPTIME_S: the gateway did start
         restart_at: dict[int, float] = {}  # slot → when its next worker may start
