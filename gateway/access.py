@@ -75,7 +75,8 @@ def outcome_of(ctx: RequestContext, status: int) -> str:
     if report is not None:
         decisions = [d for record in report.stages.values() for d in record.decisions]
         prompt = report.stages.get("prompt")
-        if prompt is not None and any(d.outcome == "block" for d in prompt.decisions):
+        blocking = prompt is not None and any(d.outcome == "block" for d in prompt.decisions)
+        if blocking and ctx.route == "chat_completions":  # a moderation answer that flags is no block
             return "blocked_prompt"
         if report.guard_errors:
             return "guard_error"

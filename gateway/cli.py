@@ -63,10 +63,16 @@ def _serve(args: argparse.Namespace) -> int:
             log.warning(w.message, extra={"fields": {"event": w.event}})
 
     if workers == 1:
+        import os
+
         import uvicorn
 
         from gateway.app import create_app
         from gateway.server import uvicorn_config
+        from gateway.workers import MULTIPROC_ENV, MetricsDir
+
+        if os.environ.get(MULTIPROC_ENV):  # not needed with one process; if set, an earlier run's values go
+            MetricsDir()
 
         app = create_app(config)
         announce(app.state.gateway.policies.current)

@@ -3,8 +3,11 @@ the requests it counts are served (through the openai SDK, against the loopback 
 
 from __future__ import annotations
 
+import json
+import re
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import openai
@@ -15,6 +18,7 @@ from tests.conftest import ADMIN_KEY, closed_port
 from tests.standins import Rule
 
 ADMIN = {"authorization": f"Bearer {ADMIN_KEY}"}
+REPO = Path(__file__).resolve().parents[1]
 
 
 def scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -171,3 +175,20 @@ def test_a_stream_in_flight_and_its_held_back_characters_are_gauged(make_gateway
                                                                                  mode="windowed")
     assert value(after, "guardgate_stream_held_chars") == value(before, "guardgate_stream_held_chars")
     assert delta(before, after, "guardgate_requests_total", route="chat_completions", outcome="allowed") == 1
+
+
+def test_the_grafana_dashboard_asks_only_for_metrics_the_gateway_exposes(make_gateway):
+    gw = make_gateway()
+    families = list(text_string_to_metric_families(httpx.get(f"{gw.url}/metrics", headers=ADMIN).text))
+    exposed = set()
+    for f in families:
+        suffixes = {"counter": ["_total"], "histogram": ["_bucket", "_count", "_sum"]}.get(f.type, [""])
+        exposed |= {f.name + s for s in suffixes}
+    dashboard = json.loads((REPO / "deploy" / "grafana" / "guardgate.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    exprs += [v["definition"] for v in dashboard["templating"]["list"] if "definition" in v]
+    used = {name for e in exprs for name in re.findall(r"guardgate_[a-z_]+", e)}
+    assert used and used <= exposed, used - exposed
+    # And every metric the gateway exposes has a panel.
+    assert {f.name for f in families if f.name.startswith("guardgate_") and not f.name.endswith("_created")} <= {
+        re.sub(r"_(total|bucket|count|sum)$", "", n) for n in used}
