@@ -11,7 +11,9 @@ endpoints come from the config, and nothing a client chooses (a model name, a pa
 
 from __future__ import annotations
 
+import functools
 import os
+from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -55,6 +57,11 @@ HELD_CHARS = Gauge("guardgate_stream_held_chars", "Characters of streamed answer
                    multiprocess_mode="livesum", registry=REGISTRY)
 
 
+@functools.lru_cache(maxsize=4096)  # labels are bounded; prometheus-client's own lookup locks and validates
+def _child(metric: Any, *labels: str) -> Any:
+    return metric.labels(*labels)
+
+
 def route_of(path: str) -> str:
     if path in ROUTES:
         return ROUTES[path]
@@ -62,39 +69,39 @@ def route_of(path: str) -> str:
 
 
 def observe_request(tenant: str, route: str, status: int, outcome: str, seconds: float) -> None:
-    REQUESTS.labels(tenant, route, str(status), outcome).inc()
-    REQUEST_SECONDS.labels(tenant, route).observe(seconds)
+    _child(REQUESTS, tenant, route, str(status), outcome).inc()
+    _child(REQUEST_SECONDS, tenant, route).observe(seconds)
 
 
 def observe_decision(tenant: str, stage: str, outcome: str) -> None:
-    DECISIONS.labels(tenant, stage, outcome).inc()
+    _child(DECISIONS, tenant, stage, outcome).inc()
 
 
 def observe_guard_call(backend: str, endpoint: str, seconds: float, result: str = "ok") -> None:
-    GUARD_CALLS.labels(backend, endpoint, result).inc()
-    GUARD_SECONDS.labels(backend, endpoint).observe(seconds)
+    _child(GUARD_CALLS, backend, endpoint, result).inc()
+    _child(GUARD_SECONDS, backend, endpoint).observe(seconds)
 
 
 def observe_cache_lookup(source: str) -> None:
-    CACHE_LOOKUPS.labels(source).inc()
+    _child(CACHE_LOOKUPS, source).inc()
 
 
 def observe_upstream(path: str, seconds: float, status: int | None) -> None:
-    UPSTREAM_SECONDS.labels(path).observe(seconds)
+    _child(UPSTREAM_SECONDS, path).observe(seconds)
     if status is not None and status >= 400:
-        UPSTREAM_ERRORS.labels(f"http_{status // 100}xx").inc()
+        _child(UPSTREAM_ERRORS, f"http_{status // 100}xx").inc()
 
 
 def observe_upstream_error(code: str | None) -> None:
-    UPSTREAM_ERRORS.labels(code or "upstream_error").inc()
+    _child(UPSTREAM_ERRORS, code or "upstream_error").inc()
 
 
 def stream_started(mode: str) -> None:
-    STREAMS.labels(mode).inc()
+    _child(STREAMS, mode).inc()
 
 
 def stream_ended(mode: str) -> None:
-    STREAMS.labels(mode).dec()
+    _child(STREAMS, mode).dec()
 
 
 class HeldChars:
