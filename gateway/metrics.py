@@ -53,7 +53,7 @@ UPSTREAM_ERRORS = Counter("guardgate_upstream_errors", "Upstream failures, by co
 STREAMS = Gauge("guardgate_streams_in_flight", "Streamed answers being sent now, by stream mode.", ["mode"],
                 multiprocess_mode="livesum", registry=REGISTRY)
 HELD_CHARS = Gauge("guardgate_stream_held_chars", "Characters of streamed answers received from the upstream "
-                   "and held back until scored (windowed streams), summed over the streams in flight.",
+                   "and held back until scored (windowed and buffered streams), summed over the streams in flight.",
                    multiprocess_mode="livesum", registry=REGISTRY)
 
 

@@ -144,10 +144,15 @@ async def buffered(resp: httpx.Response, blocked_of: Callable[[dict[int, str]], 
     """Hold the whole stream, score every choice, then release it all (blocked choices end content_filter).
     Raises httpx.HTTPError / StreamProtocolError if the upstream stream fails (nothing was sent yet)."""
     texts, events = ChoiceTexts(), []
-    async for event in read_events(resp):
-        texts.add(event)
-        events.append(event)
-    blocked = await blocked_of(texts.texts())
+    held = metrics.HeldChars()
+    try:
+        async for event in read_events(resp):
+            texts.add(event)
+            events.append(event)
+            held.set(sum(texts.size(i) for i in texts.indexes()))
+        blocked = await blocked_of(texts.texts())
+    finally:
+        held.close()
     if blocked:
         return b"".join(withhold_choices(events, blocked))
     return b"".join(e.raw for e in events)
