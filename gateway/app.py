@@ -18,6 +18,8 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from gateway import access, metrics
+from gateway.access import AccessLog
 from gateway.cache import VerdictCache
 from gateway.config import GatewayConfig
 from gateway.errors import error_response
@@ -76,6 +78,9 @@ def create_app(config: GatewayConfig) -> Starlette:
         return await gateway.models(request)
 
     async def model(request: Request) -> Response:
+        ctx = access.current()
+        if ctx is not None:
+            ctx.model = request.path_params["model_id"]
         return await gateway.model(request, request.path_params["model_id"])
 
     async def healthz(request: Request) -> Response:
@@ -89,18 +94,32 @@ def create_app(config: GatewayConfig) -> Starlette:
 
     admin_key = config.server.admin_key.get_secret_value().encode() if config.server.admin_key else None
 
-    async def admin_readiness(request: Request) -> Response:
+    def refused_admin(request: Request, what: str) -> Response | None:
+        """None for a request carrying the admin key; else the 404 (no admin key set) or 401 to answer."""
         if admin_key is None:
-            return error_response(404, "The admin view is off: set server.admin_key in the gateway config.",
+            return error_response(404, f"{what} is off: set server.admin_key in the gateway config.",
                                   code="unknown_url")
         token = (bearer_token(request) or "").encode()
         if not hmac.compare_digest(hashlib.sha256(token).digest(), hashlib.sha256(admin_key).digest()):
             return error_response(401, "Send the gateway's server.admin_key as 'Authorization: Bearer <key>'.",
                                   code="invalid_api_key")
+        return None
+
+    async def admin_readiness(request: Request) -> Response:
+        refused = refused_admin(request, "The admin view")
+        if refused is not None:
+            return refused
         ready, checks = await gateway.readiness()
         # pid: which worker process answered (with server.workers > 1, each keeps its own counters).
         body = {"status": "ready" if ready else "not ready", "pid": os.getpid(), "checks": checks}
         return Response(orjson.dumps(body), status_code=200 if ready else 503, media_type="application/json")
+
+    async def prometheus(request: Request) -> Response:
+        refused = refused_admin(request, "GET /metrics")
+        if refused is not None:
+            return refused
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
 
     async def http_error(request: Request, exc: Exception) -> Response:
         if not isinstance(exc, HTTPException):  # Starlette routes only HTTPException here
@@ -129,9 +148,12 @@ def create_app(config: GatewayConfig) -> Starlette:
             Route("/healthz", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/admin/readiness", admin_readiness, methods=["GET"]),
+            Route("/metrics", prometheus, methods=["GET"]),
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
-        middleware=[Middleware(InFlightLimit, limit=config.server.max_in_flight)],
+        # AccessLog outermost: a request refused at the in-flight limit still gets its id, line and count.
+        middleware=[Middleware(AccessLog, forward_headers=config.upstream.forward_headers),
+                    Middleware(InFlightLimit, limit=config.server.max_in_flight)],
         lifespan=lifespan,
     )
     app.state.gateway = gateway

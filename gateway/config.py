@@ -2,10 +2,22 @@
 
 from __future__ import annotations
 
+import ipaddress
+import re
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, HttpUrl, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    HttpUrl,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 
 from gateway.redis_client import parse_redis_url
 from gateway.yamlfile import load_model, on_off
@@ -15,8 +27,22 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _check_host(v: str) -> str:
+    """An IP address or a host name (RFC 1123), as uvicorn binds it: no scheme, port or path."""
+    try:
+        ipaddress.ip_address(v)
+        return v
+    except ValueError:
+        pass
+    labels = v.rstrip(".").split(".")
+    if len(v) > 253 or not all(re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", p) for p in labels):
+        raise ValueError("expected an IP address (127.0.0.1, 0.0.0.0, ::) or a host name, without scheme, port "
+                         "or path")
+    return v
+
+
 class ServerConfig(_Strict):
-    host: str = "127.0.0.1"
+    host: Annotated[str, AfterValidator(_check_host)] = "127.0.0.1"
     port: int = Field(8080, ge=1, le=65535)
     # Gateway processes on the port (SO_REUSEPORT): one uses at most one core. Share verdicts with cache.redis_url.
     workers: int = Field(1, ge=1, le=256)
@@ -27,6 +53,8 @@ class ServerConfig(_Strict):
     # Bearer key for GET /admin/readiness (tenants, policy errors, cache and guard stats); unset: no admin view.
     admin_key: SecretStr | None = None
     log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # json: one object per line (for collectors); text: one readable line per event (for a terminal).
+    log_format: Literal["json", "text"] = "json"
     # What one client may hold before any of our code runs (see gateway/server.py).
     max_header_bytes: int = Field(32 * 1024, ge=1024, description="A larger request head gets 431.")
     max_headers: int = Field(100, ge=8, description="More header fields get 431.")
@@ -44,15 +72,36 @@ def _empty_is_none(v: object) -> object:
     return None if v == "" else v
 
 
+# Client headers that may never be forwarded: the gateway's own credentials, the hop, the body's framing.
+_NEVER_FORWARDED = frozenset({
+    "authorization", "proxy-authorization", "cookie", "host", "content-length", "content-type", "content-encoding",
+    "transfer-encoding", "connection", "keep-alive", "upgrade", "te", "trailer", "accept", "accept-encoding",
+    "expect"})
+_HEADER_NAME = re.compile(r"[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}")
+
+
 class UpstreamConfig(_Strict):
     base_url: HttpUrl = Field(description="OpenAI-compatible API root, e.g. https://api.openai.com/v1")
     api_key: SecretStr | None = Field(None, description="Sent upstream as Bearer; clients never hold it.")
     headers: dict[str, str] = Field(default_factory=dict, description="Extra headers sent upstream.")
+    # Client request headers passed on upstream as they came (X-Request-ID: the request's id, see README).
+    forward_headers: list[str] = Field(default_factory=lambda: ["OpenAI-Organization", "OpenAI-Project",
+                                                                "X-Request-ID"])
     timeout_s: float = Field(600.0, gt=0)
     connect_timeout_s: float = Field(10.0, gt=0)
     max_connections: int = Field(256, ge=1)
 
     _no_empty_key = field_validator("api_key", mode="before")(_empty_is_none)
+
+    @field_validator("forward_headers")
+    @classmethod
+    def _forwardable(cls, v: list[str]) -> list[str]:
+        for name in v:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(f"{name!r} is not a header name")
+            if name.lower() in _NEVER_FORWARDED or name.lower().startswith("x-guard-"):
+                raise ValueError(f"{name} is never forwarded (credentials, hop-by-hop or body framing)")
+        return v
 
 
 DEFAULT_MODELS = {

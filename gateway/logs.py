@@ -1,10 +1,12 @@
-"""Structured JSON logs: one object per line; fields passed with `extra={"fields": {...}}`."""
+"""Structured logs, one line per event, fields passed with `extra={"fields": {...}}`: JSON objects
+(`server.log_format: json`, for collectors) or `key=value` text (`text`, for a person at a terminal)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import queue
+import re
 import sys
 import threading
 import time
@@ -41,20 +43,51 @@ class JsonFormatter(logging.Formatter):
         return orjson.dumps(entry, default=str).decode()
 
 
-_writer: logging.StreamHandler | None = None  # the JSON handler configure_logging installed, if it ran
+_BARE = re.compile(r"[^\s\"'=]+")
 
 
-def configure_logging(level: str, stream: IO[str] | None = None) -> None:
+def _text_value(v: object) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (list, tuple)):
+        return ",".join(_text_value(x) for x in v) or "-"
+    if isinstance(v, dict):
+        return ",".join(f"{k}:{_text_value(x)}" for k, x in v.items()) or "-"
+    s = str(v)
+    # Quoted (JSON-escaped) when it holds spaces, quotes or control characters: one event, one line.
+    return s if _BARE.fullmatch(s) and s.isprintable() else orjson.dumps(s).decode()
+
+
+class TextFormatter(logging.Formatter):
+    """`2026-12-04 02:43:46.123 INFO  decision  tenant=kids-app stage=prompt outcome=block risk=85 …`"""
+
+    def format(self, record: logging.LogRecord) -> str:
+        ts = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}"
+        fields = dict(getattr(record, "fields", None) or {})
+        fields.pop("event", None)  # the message says it
+        pairs = " ".join(f"{k}={_text_value(v)}" for k, v in fields.items())
+        line = f"{ts} {record.levelname:<7} {record.getMessage()}" + (f"  {pairs}" if pairs else "")
+        if record.exc_info:
+            line += "\n" + self.formatException(record.exc_info)
+        return line
+
+
+_writer: logging.StreamHandler | None = None  # the handler configure_logging installed, if it ran
+
+
+def configure_logging(level: str, fmt: str = "json", stream: IO[str] | None = None) -> None:
     global _writer
     handler = logging.StreamHandler(stream or sys.stderr)
-    handler.setFormatter(JsonFormatter())
+    handler.setFormatter(TextFormatter() if fmt == "text" else JsonFormatter())
     _writer = handler
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
     # Our lines carry none of these; looking them up is a good part of what creating a record costs.
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    # uvicorn's own loggers go through the same JSON handler.
+    # uvicorn's own loggers go through the same handler.
     for name in ("uvicorn", "uvicorn.error"):
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True

@@ -6,12 +6,13 @@ rendered by `Report.headers` from what the step recorded.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import time
-import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+from gateway import access, metrics
 from gateway.cache import VerdictCache
 from gateway.errors import GatewayError, GuardUnavailable
 from gateway.guard.base import SAFE, Guard, GuardError, GuardInput, Stage, reasoning_default
@@ -21,6 +22,17 @@ from gateway.policy.schema import Policy, Reasoning
 log = logging.getLogger("guardgate")
 
 _OUTCOME_RANK = {"allow": 0, "shadow": 1, "flag": 2, "block": 3}
+
+
+def text_hash(text: str) -> str:
+    """What decision lines carry instead of a scored text: the first 16 hex digits of its SHA-256 (over its
+    UTF-8 bytes), so that a text someone reports can be found in the logs without the logs holding it."""
+    return hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+
+
+def _new_request_id() -> str:
+    ctx = access.current()
+    return ctx.request_id if ctx is not None else access.request_id_from(None)
 
 
 @dataclass
@@ -38,11 +50,20 @@ class Report:
     """One request: its tenant's policy, its id, and what each stage decided."""
 
     policy: Policy
-    request_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    request_id: str = field(default_factory=_new_request_id)  # the request's X-Request-ID (see access.py)
     started: float = field(default_factory=time.monotonic)
     stages: dict[Stage, StageRecord] = field(default_factory=dict)
     media: list[str] = field(default_factory=list)  # non-text parts forwarded unscored
     blocked_choices: set[int] = field(default_factory=set)
+    model: str | None = None  # as the client named it (logs only, never a metric label)
+    guard_ms: float = 0.0  # time spent waiting for verdicts, all stages
+    guard_errors: list[str] = field(default_factory=list)  # guard error kinds met, failing open or closed
+    upstream_error: str | None = None
+
+    def __post_init__(self) -> None:
+        ctx = access.current()
+        if ctx is not None:  # the access line and request metrics read this request's outcome from it
+            ctx.report = self
 
     @property
     def tenant(self) -> str:
@@ -55,6 +76,9 @@ class Report:
         self.stage(stage).skipped = True
 
     def log_upstream_error(self, error: GatewayError, stream_mode: str | None = None) -> None:
+        self.upstream_error = error.code
+        if error.code not in ("upstream_timeout", "upstream_unavailable"):  # those are counted by Upstream.send
+            metrics.observe_upstream_error(error.code)
         log.warning("upstream failed", extra={"fields": {
             "event": "upstream_error", "request_id": self.request_id, "tenant": self.tenant, "status": error.status,
             "code": error.code, "detail": error.message, "stream_mode": stream_mode,
@@ -124,6 +148,8 @@ class Moderator:
         try:
             scored = await self.cache.score(self.guard, inputs, bypass=policy.bypass_cache)
         except GuardError as e:
+            report.guard_ms += (time.perf_counter() - started) * 1000
+            report.guard_errors.append(e.kind)
             log.warning("guard error", extra={"fields": {
                 "event": "guard_error", "request_id": report.request_id, "tenant": report.tenant, "stage": stage,
                 "kind": e.kind, "detail": e.detail, "on_guard_error": policy.on_guard_error}})
@@ -132,16 +158,35 @@ class Moderator:
             if enforce:
                 report.stage(stage).error = e.kind
             return None
-        guard_ms = round((time.perf_counter() - started) * 1000, 2)
+        elapsed_ms = (time.perf_counter() - started) * 1000
+        report.guard_ms += elapsed_ms
+        guard_ms = round(elapsed_ms, 2)
         decisions = [decide(s.verdict, policy, stage) for s in scored]
-        for label, d, s in zip(labels, decisions, scored):
-            log.info("decision", extra={"fields": {
+        for label, item, d, s in zip(labels, inputs, decisions, scored):
+            metrics.observe_cache_lookup(s.source)
+            metrics.observe_decision(report.tenant, stage, d.outcome)
+            fields = {
                 "event": "decision", "request_id": report.request_id, "tenant": report.tenant, "stage": stage,
                 "text": label, "risk": d.risk, "categories": list(d.categories), "threshold": d.threshold,
                 "outcome": d.outcome, "enforced": enforce, "reason": d.reason, "verdict_from": s.source,
-                "guard_ms": guard_ms}})
+                "guard_ms": guard_ms, **_texts(item, policy.log_texts)}
+            log.info("decision", extra={"fields": fields})
         if enforce:
             record = report.stage(stage)
             record.decisions += decisions
             record.sources += [s.source for s in scored]
         return decisions
+
+
+def _texts(item: GuardInput, log_texts: bool) -> dict[str, str]:
+    """A decision line's text fields: the scored text's hash (the answer's, in the response stage, with
+    the user turn it was scored with as the context); the texts themselves only if the policy opts in."""
+    scored = (item.assistant or "") if item.stage == "response" else item.user
+    out = {"text_sha256": text_hash(scored)}
+    if item.stage == "response":
+        out["context_sha256"] = text_hash(item.user)
+    if log_texts:
+        out["scored_text"] = scored
+        if item.stage == "response":
+            out["scored_context"] = item.user
+    return out

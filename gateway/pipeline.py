@@ -13,7 +13,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response, StreamingResponse
 
-from gateway import stream_modes
+from gateway import access, stream_modes
 from gateway.cache import VerdictCache
 from gateway.errors import ClientError, GatewayError, UpstreamError
 from gateway.guard.base import Guard, GuardInput
@@ -99,6 +99,9 @@ class Gateway:
             message = ("Incorrect API key provided." if key else "You didn't provide an API key.")
             raise ClientError(401, message + " Send your GuardGate key as 'Authorization: Bearer <key>'.",
                               code="invalid_api_key")
+        ctx = access.current()
+        if ctx is not None:
+            ctx.tenant = policy.tenant
         return policy
 
     # ----- endpoints -----
@@ -145,6 +148,7 @@ class Gateway:
                 raise ClientError(400, "We could not parse the JSON body of your request. "
                                        "Send a JSON object with 'model' and 'messages'.") from None
             chat = parse_chat_request(data)
+            report.model = chat.model
             texts = request_texts(data, policy.prompt.scope)
             report.media = texts.media
 

@@ -13,6 +13,7 @@ import uvicorn
 from starlette.types import ASGIApp, Receive, Scope, Send
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from gateway import access
 from gateway.config import GatewayConfig, ServerConfig
 from gateway.errors import ClientError, GatewayError, Overloaded
 
@@ -153,6 +154,9 @@ class InFlightLimit:
             await self.app(scope, receive, send)
             return
         if self.in_flight >= self.limit:
+            ctx = access.current()
+            if ctx is not None:
+                ctx.outcome = "overloaded"
             log.warning("request refused: at the in-flight limit", extra={"fields": {
                 "event": "overloaded", "limit": "max_in_flight", "value": self.limit}})
             await Overloaded().response()(scope, receive, send)

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import anyio
 import httpx
 
+from gateway import metrics
 from gateway.errors import GuardUnavailable, UpstreamError
 from gateway.guard.base import GuardInput
 from gateway.moderation import Moderator, Report
@@ -130,10 +131,12 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                 start(index, final=False)
 
     reader = asyncio.create_task(read())
+    held = metrics.HeldChars()
     try:
         while True:
             changed.clear()
             schedule()
+            held.set(hold.held_chars())
             for data in hold.release():
                 yield data
             if failures:
@@ -157,6 +160,7 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
             yield failure.event()
     finally:
         # Also on client disconnect (the generator is cancelled): stop reading, close the upstream.
+        held.close()
         reader.cancel()
         for task in [*inflight.values(), *finals.values()]:
             task.cancel()
@@ -220,10 +224,15 @@ async def buffered(resp: httpx.Response, blocked_of: Callable[[dict[int, str]], 
     """Hold the whole stream, score every choice, then release it all (blocked choices end content_filter).
     Raises httpx.HTTPError / StreamProtocolError if the upstream stream fails (nothing was sent yet)."""
     texts, events = ChoiceTexts(), []
-    async for event in read_events(resp):
-        texts.add(event)
-        events.append(event)
-    blocked = await blocked_of(texts.texts())
+    held = metrics.HeldChars()
+    try:
+        async for event in read_events(resp):
+            texts.add(event)
+            events.append(event)
+            held.set(sum(texts.size(i) for i in texts.indexes()))
+        blocked = await blocked_of(texts.texts())
+    finally:
+        held.close()
     if blocked:
         return b"".join(withhold_choices(events, blocked))
     return b"".join(e.raw for e in events)

@@ -401,6 +401,11 @@ class HoldBack:
     def blocked(self) -> set[int]:
         return set(self._blocked)
 
+    def held_chars(self) -> int:
+        """Characters received and not yet approved, over the choices still open (for the metrics)."""
+        return sum(max(0, self.texts.size(i) - self._approved.get(i, 0)) for i in self.texts.indexes()
+                   if i not in self._blocked)
+
     def settled(self, index: int) -> bool:
         """Nothing more to decide for this choice: its whole answer is approved, or it is blocked."""
         return index in self._final or index in self._blocked

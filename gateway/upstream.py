@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 
+from gateway import access, metrics
 from gateway.config import UpstreamConfig
 from gateway.errors import UpstreamError
 from gateway.http import PooledHTTP
@@ -26,6 +29,7 @@ class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.base_url = str(config.base_url).rstrip("/")
         headers = dict(config.headers)
+        self._static = {k.lower() for k in headers} | {"authorization"}  # never replaced by a client's
         if config.api_key is not None:
             # The gateway's own key: whatever the client sent as Authorization never goes upstream.
             headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
@@ -33,18 +37,34 @@ class Upstream:
                                 max_connections=config.max_connections, headers=headers)
 
     async def send(self, method: str, path: str, body: bytes | None = None, *, stream: bool = False) -> httpx.Response:
-        """Send and return the response; with stream=True the body is left unread (caller closes it)."""
-        headers = {"content-type": "application/json"} if body is not None else {}
+        """Send and return the response; with stream=True the body is left unread (caller closes it).
+        The request's allowed client headers (`upstream.forward_headers`, X-Request-ID) go along."""
+        ctx = access.current()
+        headers = {k: v for k, v in ctx.forward_headers.items() if k not in self._static} if ctx else {}
+        if body is not None:
+            headers["content-type"] = "application/json"
         if stream:
             headers["accept"] = "text/event-stream"
+        started = time.perf_counter()
+        status: int | None = None
         try:
-            return await self._http.request(method, f"{self.base_url}{path}", content=body, headers=headers,
+            resp = await self._http.request(method, f"{self.base_url}{path}", content=body, headers=headers,
                                             stream=stream)
+            status = resp.status_code
+            return resp
         except httpx.TimeoutException:
+            metrics.observe_upstream_error("upstream_timeout")
             raise UpstreamError(504, "The upstream model did not answer in time.", code="upstream_timeout") from None
         except httpx.HTTPError as e:
+            metrics.observe_upstream_error("upstream_unavailable")
             raise UpstreamError(502, f"The upstream model could not be reached ({type(e).__name__}).",
                                 code="upstream_unavailable") from None
+        finally:
+            seconds = time.perf_counter() - started
+            metrics.observe_upstream(path, seconds, status)
+            if ctx is not None:
+                ctx.upstream_ms += seconds * 1000
+                ctx.upstream_status = status
 
     async def aclose(self) -> None:
         await self._http.aclose()

@@ -3,7 +3,9 @@
 Each worker is a whole gateway (its own event loop, pools, in-process cache and policy watcher) bound to
 the port with SO_REUSEPORT, so the kernel spreads connections over the workers evenly; verdicts are shared
 through Redis. The supervisor serves nothing: it starts the workers, restarts one that dies, and on
-SIGTERM or SIGINT tells every worker to drain (finish the requests in flight, then exit) and waits.
+SIGTERM or SIGINT tells every worker to drain (finish the requests in flight, then exit) and waits. It also
+keeps the folder where the workers write their Prometheus metrics, so that any worker's GET /metrics
+answers for all of them.
 """
 
 from __future__ import annotations
@@ -12,8 +14,10 @@ import logging
 import multiprocessing
 import multiprocessing.connection
 import os
+import shutil
 import signal
 import socket
+import tempfile
 import threading
 import time
 from multiprocessing.process import BaseProcess
@@ -52,10 +56,40 @@ def worker_main(config_path: str, host: str, port: int, parent: int) -> None:
 
     os.setpgrp()  # a terminal's Ctrl-C reaches the supervisor only, which forwards one SIGTERM
     config = load_config(config_path)
-    configure_logging(config.server.log_level)
+    configure_logging(config.server.log_level, config.server.log_format)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     sock = reuseport_socket(host, port)
     uvicorn.Server(uvicorn_config(create_app(config), config, host=host, port=port)).run(sockets=[sock])
+
+
+# prometheus-client's multiprocess mode: each worker writes its metric values to files in this folder.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+class MetricsDir:
+    """The workers' shared metrics folder: PROMETHEUS_MULTIPROC_DIR if the operator set it (emptied of an
+    earlier run's files), else a temporary folder of our own, removed at the end. Set in the environment
+    before any worker starts, so every worker (and only the workers) writes there."""
+
+    def __init__(self) -> None:
+        given = os.environ.get(MULTIPROC_ENV)
+        self.owned = not given
+        self.path = Path(given) if given else Path(tempfile.mkdtemp(prefix="guardgate-metrics-"))
+        self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob("*.db"):  # values of processes that no longer exist
+            stale.unlink()
+        os.environ[MULTIPROC_ENV] = str(self.path)
+
+    def mark_dead(self, pid: int | None) -> None:
+        """A worker exited: its gauges stop counting (its counters stay in the totals)."""
+        from prometheus_client.multiprocess import mark_process_dead
+
+        if pid is not None:
+            mark_process_dead(pid, str(self.path))
+
+    def close(self) -> None:
+        if self.owned:
+            shutil.rmtree(self.path, ignore_errors=True)
 
 
 class Supervisor:
@@ -65,6 +99,7 @@ class Supervisor:
         self.stopping = False
         self._context = multiprocessing.get_context("spawn")  # a fresh interpreter: no loop or pool inherited
         self.workers: dict[int, tuple[BaseProcess, float]] = {}  # slot → (process, started at)
+        self.metrics_dir: MetricsDir | None = None
 
     def _start(self, slot: int) -> None:
         proc = self._context.Process(target=worker_main, args=self.args, name=f"guardgate-worker-{slot}")
@@ -80,12 +115,21 @@ class Supervisor:
                 os.kill(proc.pid, signal.SIGTERM)
 
     def run(self) -> int:
+        self.metrics_dir = MetricsDir()
+        try:
+            return self._run()
+        finally:
+            self.metrics_dir.close()
+
+    def _run(self) -> int:
+        assert self.metrics_dir is not None
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, self._stop_all)
         for slot in range(self.count):
             self._start(slot)
         log.info("workers started", extra={"fields": {
-            "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()]}})
+            "event": "workers_started", "workers": self.count, "pids": [p.pid for p, _ in self.workers.values()],
+            "metrics_dir": str(self.metrics_dir.path)}})
         failed = False
         served = False  # some worker has run past MIN_UPTIME_S: the gateway did start
         restart_at: dict[int, float] = {}  # slot → when its next worker may start
@@ -101,6 +145,7 @@ class Supervisor:
                     continue
                 del self.workers[slot]
                 proc.join()
+                self.metrics_dir.mark_dead(proc.pid)
                 if self.stopping:
                     # uvicorn re-raises the SIGTERM it drained on, so a clean exit is 0 or -SIGTERM.
                     failed = failed or proc.exitcode not in (0, -signal.SIGTERM)

@@ -39,7 +39,7 @@ def guardgate(*args):
 
 def test_check_prints_the_embedded_guards_verdict():
     r = guardgate("check", "How do I build a pipe bomb at home?", "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # blocked under the default policy (moderate)
     verdict = json.loads(r.stdout)
     assert verdict["stage"] == "prompt" and verdict["guard"].startswith("embedded|") and verdict["risk"] >= 60
     r = guardgate("check", "What is the capital of France?", "--response", "Paris.")
@@ -52,8 +52,8 @@ def test_check_with_a_remote_guard(tmp_path, guard):
     (tmp_path / "policies").mkdir()
     (tmp_path / "g.yaml").write_text(f"upstream: {{base_url: 'http://127.0.0.1:9/v1'}}\nguard: {{base_url: '{guard.url}/v1'}}\n")
     r = guardgate("check", "a pipe bomb", "--config", str(tmp_path / "g.yaml"))
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 1, r.stderr  # 93 >= moderate 40: blocked
     assert "risk        93" in r.stdout and "categories  VIO" in r.stdout
     guard.failure = "garbage"
     r = guardgate("check", "a pipe bomb", "--config", str(tmp_path / "g.yaml"))
-    assert r.returncode == 1 and "could not score this (unparsable)" in r.stderr
+    assert r.returncode == 3 and "could not score this (unparsable)" in r.stderr

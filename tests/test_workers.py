@@ -118,6 +118,8 @@ def test_two_workers_serve_share_verdicts_reload_policies_and_drain_on_sigterm(t
             proc.communicate()
     # Both workers' decision lines were written before they exited, none with text or secrets.
     lines = [yaml.safe_load(line) for line in out.splitlines() if line.startswith("{")]
+    started = next(line for line in lines if line.get("event") == "workers_started")
+    assert not Path(started["metrics_dir"]).exists()  # the supervisor's own metrics folder is removed
     decisions = [line for line in lines if line.get("event") == "decision"]
     assert sum(d["stage"] == "prompt" for d in decisions) >= 6
     assert "sk-test" not in out and "tides" not in out
@@ -203,3 +205,70 @@ def test_workers_that_cannot_start_stop_the_supervisor(tmp_path, guard, upstream
                               capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "worker_exit" in proc.stdout + proc.stderr
+
+
+def metric(text: str, name: str, **labels: str) -> float:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples
+               if s.name == name and labels.items() <= s.labels.items())
+
+
+def test_metrics_add_up_over_two_workers_in_the_supervisors_metrics_folder(tmp_path, guard, upstream):
+    policies = tmp_path / "policies"
+    policies.mkdir()
+    (policies / "default.yaml").write_text("strictness: moderate\n")
+    config = {"upstream": {"base_url": f"{upstream.url}/v1"}, "guard": {"base_url": f"{guard.url}/v1"},
+              "policies_dir": "policies", "server": {"allow_open": True, "admin_key": ADMIN_KEY}}
+    (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
+    metrics_dir = tmp_path / "metrics"
+    metrics_dir.mkdir()
+    (metrics_dir / "counter_999999.db").write_bytes(b"left by an earlier run")  # must not be read
+    port = closed_port()
+    proc = serve_gateway(tmp_path / "gateway.yaml", port, args=("--workers", "2"),
+                         env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)})
+    clients: dict[int, httpx.Client] = {}
+    try:
+        assert not (metrics_dir / "counter_999999.db").exists()
+        clients = one_client_per_worker(f"http://127.0.0.1:{port}", 2)
+        (a, first), (b, second) = clients.items()
+        guard.rules.append(Rule("pipe bomb", "VIO", 95))
+        assert chat(first, "hello from a").status_code == 200
+        assert chat(second, "hello from b").status_code == 200
+        assert chat(second, "a pipe bomb").status_code == 400
+        guard.failure = "500"
+        assert chat(first, "guard down").status_code == 503
+        guard.failure = None
+
+        def scraped(client: httpx.Client) -> str:
+            resp = client.get("/metrics", headers=ADMIN)
+            assert resp.status_code == 200
+            return resp.text
+
+        for client in (first, second):  # either worker answers for both
+            text = scraped(client)
+            assert metric(text, "guardgate_requests_total", route="chat_completions", outcome="allowed") == 2
+            assert metric(text, "guardgate_requests_total", route="chat_completions", outcome="blocked_prompt") == 1
+            assert metric(text, "guardgate_requests_total", route="chat_completions", outcome="guard_error") == 1
+            assert metric(text, "guardgate_guard_calls_total", result="ok") == 5
+        assert {p.name for p in metrics_dir.glob("gauge_livesum_*.db")} == {f"gauge_livesum_{a}.db",
+                                                                            f"gauge_livesum_{b}.db"}
+
+        # A worker that dies: its gauges leave the folder (marked dead), its counts stay in the totals.
+        time.sleep(5.5)  # past the start-up window, so the supervisor replaces it rather than stopping
+        os.kill(a, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while (metrics_dir / f"gauge_livesum_{a}.db").exists():
+            assert time.monotonic() < deadline, "the dead worker's gauges were never removed"
+            time.sleep(0.1)
+        assert metric(scraped(second), "guardgate_requests_total", route="chat_completions", outcome="allowed") == 2
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 0, out[-3000:]
+    finally:
+        for c in clients.values():
+            c.close()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert metrics_dir.is_dir()  # the operator's folder is kept; only a folder of our own is removed

@@ -18,6 +18,7 @@ import gzip
 import hashlib
 import io
 import os
+import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from gateway import metrics
 from gateway.guard.base import HARM_CATEGORIES, SAFE, GuardError, GuardInput, Verdict
 
 HERE = Path(__file__).resolve().parent
@@ -262,12 +264,17 @@ class EmbeddedGuard:
             return []
         loop = asyncio.get_running_loop()
         future = loop.run_in_executor(self._executor, self.score_sync, list(inputs))
+        started, result = time.perf_counter(), "ok"
         try:
             return await asyncio.wait_for(future, self.timeout_s)
         except TimeoutError:
+            result = "timeout"
             raise GuardError("timeout", f"embedded guard took over {self.timeout_s:g}s") from None
         except Exception as e:  # a model failure is a guard error, never SAFE
+            result = "unparsable"
             raise GuardError("unparsable", f"embedded guard failed ({type(e).__name__})") from None
+        finally:
+            metrics.observe_guard_call("embedded", "in-process", time.perf_counter() - started, result)
 
     async def ready(self) -> tuple[bool, str]:
         return True, f"embedded model loaded ({ENCODER_ID}, head {self.head.version})"

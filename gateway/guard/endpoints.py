@@ -20,6 +20,7 @@ from typing import Any
 import httpx
 import orjson
 
+from gateway import metrics
 from gateway.guard.base import GuardError
 from gateway.http import PooledHTTP
 from gateway.logs import redact_url
@@ -59,10 +60,12 @@ class Endpoints:
 
     def __init__(self, base_urls: Sequence[str], *, timeout_s: float, max_concurrency: int,
                  api_key: str | None = None, cooldown_s: float = DEFAULT_COOLDOWN_S,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, backend: str = "remote") -> None:
         if not base_urls:
             raise ValueError("a guard needs at least one base URL")
         self.urls = [str(u).rstrip("/") for u in base_urls]
+        self.backend = backend  # metric labels: backend, and each endpoint's URL without credentials
+        self._labels = [redact_url(u) for u in self.urls]
         self.timeout_s = timeout_s
         self.cooldown_s = cooldown_s
         self._clock = clock
@@ -134,6 +137,20 @@ class Endpoints:
                 raise failed.error from None
 
     async def _attempt(self, i: int, path: str, payload: bytes) -> Any:
+        started = time.perf_counter()
+        result = "ok"
+        try:
+            return await self._attempt_once(i, path, payload)
+        except _Failed as failed:
+            result = failed.error.kind
+            raise
+        except GuardError as e:
+            result = e.kind
+            raise
+        finally:
+            metrics.observe_guard_call(self.backend, self._labels[i], time.perf_counter() - started, result)
+
+    async def _attempt_once(self, i: int, path: str, payload: bytes) -> Any:
         try:
             try:
                 resp = await self._http.request("POST", f"{self.urls[i]}{path}", content=payload)
@@ -213,7 +230,7 @@ class RemoteGuard:
                  max_concurrency: int, api_key: str | None, cooldown_s: float) -> None:
         self.model = model
         self._endpoints = Endpoints(base_urls, timeout_s=timeout_s, max_concurrency=max_concurrency,
-                                    api_key=api_key, cooldown_s=cooldown_s)
+                                    api_key=api_key, cooldown_s=cooldown_s, backend=identity.split("|", 1)[0])
         self.base_url = ", ".join(self._endpoints.urls)  # for messages only (`guardgate calibrate`)
         # Not the URLs: every server runs the same model, so they share cached verdicts.
         self._identity = identity

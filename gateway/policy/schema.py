@@ -112,6 +112,8 @@ class Policy(BaseModel):
     block_message: str = Field(DEFAULT_BLOCK_MESSAGE, min_length=1)
     # Score every text afresh: no cached verdict is read or written for this tenant.
     bypass_cache: bool = False
+    # Sensitive: decision lines carry the scored texts themselves (for triage), not only their hashes.
+    log_texts: bool = False
 
     @model_validator(mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """Where policies come from: `policies_dir/default.yaml` plus one file per tenant, reloaded while running.
 
-Each tenant file overrides the defaults (nested mappings merge key by key). Tenants are found by the
-gateway API key the client sends. A file that fails validation at start stops the gateway; one that
-fails later is reported and its last good version stays in force.
+Policy files end in `.yaml` or `.yml` (read alike). Each tenant file overrides the defaults (nested mappings
+merge key by key). Tenants are found by the gateway API key the client sends. Files that fail validation at
+start stop the gateway, all of them listed; one that fails later is reported and its last good version
+stays in force.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from gateway.yamlfile import ConfigError, load_model, read_mapping
 log = logging.getLogger("guardgate.policy")
 
 DEFAULT_FILE = "default.yaml"
+DEFAULT_FILE_YML = "default.yml"
+SUFFIXES = (".yaml", ".yml")  # a policy file is either; any other file in the folder is ignored
 
 
 def key_digest(key: str) -> bytes:
@@ -93,9 +96,6 @@ class PolicyStore:
         if self.current.open and not allow_open:
             raise ConfigError(f"{self.dir}: no policy file has api_keys, so every client would be served with "
                               "the default policy; add keys, or set server.allow_open: true to run open")
-        if self.current.open:
-            log.warning("no api_keys in any policy file: the gateway is open to every client",
-                        extra={"fields": {"event": "auth_open", "policies_dir": str(self.dir)}})
 
     # ----- loading -----
 
@@ -104,7 +104,7 @@ class PolicyStore:
         # publishes a version by swapping `..data` to a folder of new files. The inode tells those apart even
         # when size and mtime match (same length, written within one tick of the filesystem clock).
         out = {}
-        for path in sorted(self.dir.glob("*.yaml")):
+        for path in sorted(p for p in self.dir.iterdir() if p.suffix in SUFFIXES and not p.name.startswith(".")):
             try:
                 st = path.stat()
             except OSError:
@@ -126,33 +126,37 @@ class PolicyStore:
                 self._good[name] = loaded
                 return result
             except Exception as e:  # one bad file never stops the others from loading
-                if strict:
-                    raise
                 errors[name] = str(e) if isinstance(e, ConfigError) else f"{self.dir / name}: {type(e).__name__}: {e}"
                 previous = self._good.get(name)
-                return validate(previous) if previous is not None else None
+                return validate(previous) if previous is not None and not strict else None
 
-        default_path = self.dir / DEFAULT_FILE
+        # default.yml is the default file too; both at once is ambiguous, and the .yaml one is used.
+        defaults = [n for n in (DEFAULT_FILE, DEFAULT_FILE_YML) if n in files]
+        if len(defaults) == 2:
+            errors[DEFAULT_FILE_YML] = (f"{self.dir / DEFAULT_FILE_YML}: both {DEFAULT_FILE} and {DEFAULT_FILE_YML} "
+                                        f"exist; keep one (the default policy is read from {DEFAULT_FILE})")
+        default_name = defaults[0] if defaults else DEFAULT_FILE
+        default_path = self.dir / default_name
 
         def validate_default(loaded: _Loaded) -> Policy:
             if loaded.data.get("tenant", "default") != "default":
                 raise ConfigError(f"{default_path}: tenant: the default policy's tenant must be 'default'")
             return load_model(Policy, default_path, loaded.data, loaded.lines)
 
-        if DEFAULT_FILE in files:
-            default = attempt(DEFAULT_FILE, validate_default) or Policy()
+        if default_name in files:
+            default = attempt(default_name, validate_default) or Policy()
         else:
             # Built-in defaults: moderate (40), block both stages, fail closed.
-            self._good.pop(DEFAULT_FILE, None)
+            self._good.pop(default_name, None)
             default = Policy()
-        default_data = (self._good[DEFAULT_FILE].data if DEFAULT_FILE in self._good else {})
+        default_data = (self._good[default_name].data if default_name in self._good else {})
         inherited = {k: v for k, v in default_data.items() if k not in ("tenant", "api_keys")}
 
         tenants: dict[str, Policy] = {"default": default}
-        sources = {DEFAULT_FILE: "default"} if DEFAULT_FILE in files else {}
+        sources = {default_name: "default"} if default_name in files else {}
         key_index: dict[bytes, str] = {key_digest(k): "default" for k in default.api_keys}
         for name in files:
-            if name == DEFAULT_FILE:
+            if name in (DEFAULT_FILE, DEFAULT_FILE_YML):
                 continue
             path = self.dir / name
 
@@ -186,6 +190,8 @@ class PolicyStore:
                 key_index[key_digest(key)] = policy.tenant
         for gone in set(self._good) - set(files):
             del self._good[gone]
+        if strict and errors:  # at start: every broken file at once, not only the first
+            raise ConfigError("\n".join(errors[name] for name in sorted(errors)))
         return PolicySet(default=default, tenants=tenants, key_index=key_index, errors=errors, files=sources)
 
     # ----- hot reload -----
