@@ -27,12 +27,13 @@ class ProviderBehaviour:
     status: int = 200  # answer every call with this error status
     chunk_chars: int = 4
     chunk_delay_s: float = 0.0
+    delay_s: float = 0.0  # before answering at all
     requests: list[dict] = field(default_factory=list)  # {"body": dict, "headers": dict}
     streams: list[dict] = field(default_factory=list)  # per stream: {"chunks": sent, "completed", "closed_at"}
 
     def reset(self) -> None:
         self.answer, self.tool_call, self.status = None, None, 200
-        self.chunk_chars, self.chunk_delay_s = 4, 0.0
+        self.chunk_chars, self.chunk_delay_s, self.delay_s = 4, 0.0, 0.0
         self.requests.clear()
         self.streams.clear()
 
@@ -63,6 +64,7 @@ class ProviderBehaviour:
     async def record(self, request: Request) -> dict:
         body = orjson.loads(await request.body())
         self.requests.append({"body": body, "headers": dict(request.headers)})
+        await asyncio.sleep(self.delay_s)
         return body
 
 

@@ -4,9 +4,11 @@ on what LiteLLM returns, plain and streamed; fallback; errors; the model list.""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -300,6 +302,30 @@ def test_an_unreachable_provider_is_502(make_litellm_gateway, guard):
     assert e.value.status_code == 502 and e.value.code == "upstream_unavailable"
 
 
+def test_a_provider_slower_than_router_timeout_is_504(make_litellm_gateway, guard, ollama):
+    ollama.delay_s = 5
+    client = make_litellm_gateway(models=[{"name": "slow", "model": "ollama_chat/llama3.1", "api_base": ollama.url,
+                                           "params": {"timeout": 1, "stream_timeout": 1}}])
+    started = time.monotonic()
+    with pytest.raises(openai.APIStatusError) as e:
+        ask(client, "slow")
+    assert e.value.status_code == 504 and e.value.code == "upstream_timeout"
+    assert time.monotonic() - started < 4.5
+
+
+def test_a_client_that_hangs_up_mid_stream_closes_the_providers_stream(make_litellm_gateway, anthropic):
+    client = make_litellm_gateway()
+    anthropic.answer = BENIGN * 20
+    anthropic.chunk_delay_s = 0.01
+    with httpx.stream("POST", f"{client.base_url}chat/completions", timeout=30, json={
+            "model": "claude", "stream": True, "messages": [{"role": "user", "content": "hi"}]}) as r:
+        next(r.iter_bytes())
+    deadline = time.monotonic() + 10
+    while not (anthropic.streams and "closed_at" in anthropic.streams[-1]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert anthropic.streams[-1]["completed"] is False and "closed_at" in anthropic.streams[-1]
+
+
 def test_an_unknown_model_is_404_before_anything_is_scored(client, guard, anthropic):
     with pytest.raises(openai.NotFoundError) as e:
         ask(client, "gpt-5-nope", HARMFUL_PROMPT)
@@ -350,14 +376,20 @@ def test_models_list_and_retrieve_show_the_configured_names(client):
 
 # ----- as a user runs it: secrets, and litellm only when models are configured -----
 
+@pytest.mark.parametrize("log_level", ["info", "debug"])
 def test_served_from_the_cli_no_secret_reaches_a_log_or_an_answer(tmp_path, guard, anthropic, backup, ollama,
-                                                                 upstream, monkeypatch):
-    import os
+                                                                 upstream, log_level):
     models = models_config(anthropic, backup, ollama, upstream)
     models[0]["api_key"] = "${TEST_ANTHROPIC_KEY}"
     path = write_config(tmp_path, guard, models)
+    config = yaml.safe_load(path.read_text())
+    config["server"]["log_level"] = log_level
+    path.write_text(yaml.safe_dump(config))
     port = closed_port()
     proc = serve_gateway(path, port, env={**os.environ, "TEST_ANTHROPIC_KEY": ANTHROPIC_KEY})
+    lines: list[str] = []  # drained as it comes: at debug LiteLLM logs more than a pipe holds
+    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
+    reader.start()
     try:
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="k", max_retries=0, timeout=30)
         assert ask(client, "claude", "hi").choices[0].message.content == "You said: hi"
@@ -371,7 +403,10 @@ def test_served_from_the_cli_no_secret_reaches_a_log_or_an_answer(tmp_path, guar
             assert r.status_code == 401 and r.json()["error"]["type"] == "authentication_error"
     finally:
         proc.terminate()
-        output = proc.communicate(timeout=30)[0]
+        proc.wait(timeout=30)
+        reader.join(timeout=30)
+    output = "".join(lines)
+    assert "LiteLLM" in output or log_level == "info"  # at debug, LiteLLM's own logs are there to search
     for secret in (ANTHROPIC_KEY, BACKUP_KEY, "sk-compat-SECRET-555"):
         assert secret not in output and all(secret not in b for b in bodies)
 
