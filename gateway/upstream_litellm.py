@@ -116,7 +116,7 @@ class LiteLLMUpstream:
         os.environ.setdefault("LITELLM_MODE", "PRODUCTION")
         # pydantic's notes on LiteLLM's own types, as it builds them (at import and on first use): not ours to fix
         warnings.filterwarnings("ignore", message=r".*`ReadOnly` qualifier", category=UserWarning)
-        import litellm  # ~2 s and ~160 MB: only for a config with models
+        import litellm  # seconds and over 100 MB: only for a config with models
 
         litellm.suppress_debug_info = True  # no "Give Feedback / Get Help" banners on stdout
         self._litellm = litellm
