@@ -29,7 +29,7 @@ from gateway.moderation_api import moderations
 from gateway.pipeline import Gateway, bearer_token
 from gateway.policy.store import PolicyStore
 from gateway.server import InFlightLimit
-from gateway.upstream import Upstream
+from gateway.upstream import build_upstream
 
 log = logging.getLogger("guardgate")
 
@@ -44,7 +44,7 @@ def build_gateway(config: GatewayConfig) -> Gateway:
     return Gateway(
         guard=build_guard(config.guard),
         cache=cache,
-        upstream=Upstream(config.upstream),
+        upstream=build_upstream(config),
         policies=PolicyStore(config.policies_dir, config.policies_reload_s, allow_open=config.server.allow_open),
         max_body_bytes=config.server.max_body_bytes,
     )

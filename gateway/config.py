@@ -5,7 +5,7 @@ from __future__ import annotations
 import ipaddress
 import re
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import (
     AfterValidator,
@@ -102,6 +102,53 @@ class UpstreamConfig(_Strict):
             if name.lower() in _NEVER_FORWARDED or name.lower().startswith("x-guard-"):
                 raise ValueError(f"{name} is never forwarded (credentials, hop-by-hop or body framing)")
         return v
+
+
+# litellm_params a deployment sets in its own keys, not in `params`.
+_OWN_KEYS = ("model", "api_base", "api_key", "order")
+
+
+def _secret_name(key: str) -> bool:
+    return any(w in key.lower() for w in ("key", "secret", "token", "password", "credential"))
+
+
+class ModelDeployment(_Strict):
+    """One entry of `models:`: a public model name, served by a LiteLLM model string (see README, Providers)."""
+
+    name: str = Field(min_length=1, description="What clients send as `model`; several entries may share it.")
+    model: str = Field(min_length=1, description="LiteLLM's model string, e.g. anthropic/claude-sonnet-4-5")
+    api_base: str | None = None
+    api_key: SecretStr | None = None
+    # Lower first; the next order is the fallback when every deployment of this order fails. Default: the
+    # entry's place among those of its name (1, 2, …), so later entries are fallbacks. Equal orders share load.
+    order: int | None = Field(None, ge=1)
+    # Any other litellm_params (api_version, aws_region_name, drop_params, max_tokens, …). Values of keys that
+    # name a secret (…key, …secret, …token, …password, …credential…) are kept as secrets.
+    params: dict[str, Any] = Field(default_factory=dict)
+
+    _no_empty = field_validator("api_key", "api_base", mode="before")(_empty_is_none)
+
+    @field_validator("params")
+    @classmethod
+    def _params(cls, v: dict[str, Any]) -> dict[str, Any]:
+        own = [k for k in v if k in _OWN_KEYS]
+        if own:
+            raise ValueError(f"set {', '.join(own)} as the entry's own key, not in params")
+        return {k: SecretStr(x) if isinstance(x, str) and _secret_name(k) else x for k, x in v.items()}
+
+    def secrets(self) -> list[str]:
+        """Every secret this deployment holds, to be kept out of errors and logs."""
+        values = [self.api_key, *self.params.values()]
+        return [s.get_secret_value() for s in values if isinstance(s, SecretStr) and s.get_secret_value()]
+
+
+class RouterConfig(_Strict):
+    """LiteLLM's Router, behind `models:`."""
+
+    num_retries: int = Field(0, ge=0, le=10, description="Retries within a deployment order before falling back.")
+    timeout_s: float = Field(600.0, gt=0, description="One provider call, streamed or not.")
+    allowed_fails: int | None = Field(None, ge=0, description="Failures a minute before a deployment cools down.")
+    cooldown_s: float | None = Field(None, ge=0, description="How long a failing deployment is left out; 0: never.")
 
 
 DEFAULT_MODELS = {
@@ -204,7 +251,10 @@ class CacheConfig(_Strict):
 
 class GatewayConfig(_Strict):
     server: ServerConfig = Field(default_factory=ServerConfig)
-    upstream: UpstreamConfig
+    # One of the two: an OpenAI-compatible API (byte-faithful passthrough), or `models:` through LiteLLM.
+    upstream: UpstreamConfig | None = None
+    models: list[ModelDeployment] | None = Field(None, min_length=1)
+    router: RouterConfig = Field(default_factory=RouterConfig)
     guard: GuardConfig = Field(default_factory=GuardConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     policies_dir: Path = Path("policies")
@@ -216,6 +266,17 @@ class GatewayConfig(_Strict):
         if not str(v):
             raise ValueError("must name a folder")
         return v
+
+    @model_validator(mode="before")
+    @classmethod
+    def _one_upstream(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("models") is None:
+            # Without models, upstream is required: validated as such, so a missing key is named.
+            return {**data, "upstream": data.get("upstream") or {}}
+        if isinstance(data, dict) and data.get("upstream") is not None:
+            raise ValueError("set either upstream (one OpenAI-compatible API) or models (providers through "
+                             "LiteLLM), not both")
+        return data
 
 
 def load_config(path: str | Path) -> GatewayConfig:

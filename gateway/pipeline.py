@@ -31,7 +31,7 @@ from gateway.texts import (
     strings,
     withhold_choice,
 )
-from gateway.upstream import Upstream, response_headers
+from gateway.upstream import UpstreamAPI, response_headers
 
 log = logging.getLogger("guardgate")
 
@@ -84,7 +84,7 @@ def bearer_token(request: Request) -> str | None:
 class Gateway:
     """Holds the long-lived parts (moderator, upstream, policies) and runs the path for each request."""
 
-    def __init__(self, guard: Guard, cache: VerdictCache, upstream: Upstream, policies: PolicyStore,
+    def __init__(self, guard: Guard, cache: VerdictCache, upstream: UpstreamAPI, policies: PolicyStore,
                  max_body_bytes: int) -> None:
         self.guard, self.cache, self.upstream, self.policies = guard, cache, upstream, policies
         self.moderator = Moderator(guard, cache)
@@ -149,6 +149,7 @@ class Gateway:
                                        "Send a JSON object with 'model' and 'messages'.") from None
             chat = parse_chat_request(data)
             report.model = chat.model
+            self.upstream.check_model(chat.model)
             texts = request_texts(data, policy.prompt.scope)
             report.media = texts.media
 

@@ -1,13 +1,15 @@
-"""The upstream LLM: a byte-faithful OpenAI-compatible passthrough over one pooled httpx client."""
+"""The upstream LLM: a byte-faithful OpenAI-compatible passthrough over one pooled httpx client, or (with
+`models:` in the config) providers through LiteLLM (`upstream_litellm`)."""
 
 from __future__ import annotations
 
 import time
+from typing import Protocol
 
 import httpx
 
 from gateway import access, metrics
-from gateway.config import UpstreamConfig
+from gateway.config import GatewayConfig, UpstreamConfig
 from gateway.errors import UpstreamError
 from gateway.http import PooledHTTP
 
@@ -25,6 +27,25 @@ def response_headers(resp: httpx.Response) -> dict[str, str]:
             if k.lower() not in _NOT_FORWARDED and not k.lower().startswith("x-guard-")}
 
 
+class UpstreamAPI(Protocol):
+    """What the pipeline asks of an upstream: OpenAI's chat completions and model list, as HTTP responses."""
+
+    def check_model(self, model: str | None) -> None: ...
+
+    async def send(self, method: str, path: str, body: bytes | None = None, *,
+                   stream: bool = False) -> httpx.Response: ...
+
+    async def aclose(self) -> None: ...
+
+
+def build_upstream(config: GatewayConfig) -> UpstreamAPI:
+    if config.models:
+        from gateway.upstream_litellm import LiteLLMUpstream  # imports litellm: only when models are configured
+        return LiteLLMUpstream(config.models, config.router)
+    assert config.upstream is not None  # the config requires one of the two
+    return Upstream(config.upstream)
+
+
 class Upstream:
     def __init__(self, config: UpstreamConfig) -> None:
         self.base_url = str(config.base_url).rstrip("/")
@@ -35,6 +56,9 @@ class Upstream:
             headers["authorization"] = f"Bearer {config.api_key.get_secret_value()}"
         self._http = PooledHTTP(timeout=httpx.Timeout(config.timeout_s, connect=config.connect_timeout_s),
                                 max_connections=config.max_connections, headers=headers)
+
+    def check_model(self, model: str | None) -> None:
+        """Any model: the upstream itself says which it serves."""
 
     async def send(self, method: str, path: str, body: bytes | None = None, *, stream: bool = False) -> httpx.Response:
         """Send and return the response; with stream=True the body is left unread (caller closes it).

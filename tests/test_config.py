@@ -50,13 +50,67 @@ def test_env_default(tmp_path, monkeypatch):
     (GOOD.replace("upstream:\n  base_url: https://api.openai.com/v1\n", "upstream:\n"), ["gateway.yaml:1: upstream.base_url: required key is missing"]),
     (GOOD + "server:\n  port: 99999\n", ["gateway.yaml:8: server.port: Input should be less than or equal to 65535 (got 99999)"]),
     (GOOD + "server: {log_level: loud}\n", ["server.log_level: Input should be 'debug', 'info', 'warning' or 'error' (got 'loud')"]),
-    (GOOD.replace("backend", "x") + "guard2: 1\n", ["gateway.yaml:7: guard2: unknown key (allowed: cache, guard, policies_dir, policies_reload_s, server, upstream)"]),
+    (GOOD.replace("backend", "x") + "guard2: 1\n", ["gateway.yaml:7: guard2: unknown key (allowed: cache, guard, models, policies_dir, policies_reload_s, router, server, upstream)"]),
     ("upstream: [1\n", ["gateway.yaml:2: not valid YAML"]),
     ("- a\n- b\n", ["expected a mapping of keys at the top level"]),
     (GOOD, ["gateway.yaml:3: upstream.api_key: environment variable TEST_UPSTREAM_KEY is not set"]),
 ])
 def test_bad_configs_say_where_and_what(tmp_path, monkeypatch, text, expected):
     monkeypatch.delenv("TEST_UPSTREAM_KEY", raising=False)
+    with pytest.raises(ConfigError) as e:
+        load_config(write(tmp_path, text))
+    for part in expected:
+        assert part in str(e.value)
+
+
+MODELS = """\
+models:
+  - name: claude
+    model: anthropic/claude-sonnet-4-5
+    api_key: ${TEST_ANTHROPIC_KEY}
+    params: {max_tokens: 1024}
+  - name: claude
+    model: bedrock/anthropic.claude-sonnet-4-5-v1:0
+    params:
+      aws_region_name: us-east-1
+      aws_secret_access_key: ${TEST_AWS_SECRET}
+  - name: local
+    model: ollama_chat/llama3.1
+    api_base: http://127.0.0.1:11434
+    order: 3
+router: {num_retries: 1, cooldown_s: 0}
+guard:
+  base_url: http://127.0.0.1:8000/v1
+"""
+
+
+def test_models_instead_of_an_upstream(tmp_path, monkeypatch):
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", "sk-ant-from-env")
+    monkeypatch.setenv("TEST_AWS_SECRET", "aws-secret-from-env")
+    config = load_config(write(tmp_path, MODELS))
+    assert config.upstream is None and [m.name for m in config.models] == ["claude", "claude", "local"]
+    claude, bedrock, local = config.models
+    assert claude.api_key.get_secret_value() == "sk-ant-from-env" and claude.params == {"max_tokens": 1024}
+    assert bedrock.params["aws_region_name"] == "us-east-1"
+    assert sorted(bedrock.secrets()) == ["aws-secret-from-env"] and local.order == 3
+    assert config.router.num_retries == 1 and config.router.cooldown_s == 0
+    # secrets stay out of reprs, also those in params
+    assert "sk-ant-from-env" not in repr(config) and "aws-secret-from-env" not in repr(config)
+
+
+@pytest.mark.parametrize("text,expected", [
+    (MODELS + GOOD.split("guard:")[0], ["set either upstream (one OpenAI-compatible API) or models (providers "
+                                        "through LiteLLM), not both"]),
+    (MODELS.replace("    params: {max_tokens: 1024}\n", "    params: {api_base: http://x}\n"),
+     ["gateway.yaml:5: models.0.params: set api_base as the entry's own key, not in params"]),
+    (MODELS.replace("  - name: local\n", "  - nme: local\n"), ["models.2.nme: unknown key"]),
+    (MODELS.replace("    order: 3\n", "    order: 0\n"), ["models.2.order: Input should be greater than or equal to 1"]),
+    ("models: []\n", ["models: List should have at least 1 item"]),
+])
+def test_bad_models_say_where_and_what(tmp_path, monkeypatch, text, expected):
+    monkeypatch.setenv("TEST_ANTHROPIC_KEY", "k")
+    monkeypatch.setenv("TEST_AWS_SECRET", "s")
+    monkeypatch.setenv("TEST_UPSTREAM_KEY", "u")
     with pytest.raises(ConfigError) as e:
         load_config(write(tmp_path, text))
     for part in expected:

@@ -1,16 +1,16 @@
 """The LiteLLM guardrail against a running gateway: LiteLLM's own hook calls and data shapes, no mocks.
 
-Skipped where litellm is not installed (it is not in the `test` extra: `pip install -e '.[litellm,test]'`)."""
+Skipped where litellm is not installed (it runs in a venv of its own, see tests/litellm_env.py)."""
 
 from __future__ import annotations
 
 import asyncio
-import os
 
 import pytest
 
-os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")  # no network fetch at import
-litellm = pytest.importorskip("litellm")
+from tests.litellm_env import import_litellm
+
+litellm = import_litellm()
 
 from litellm.exceptions import GuardrailRaisedException  # noqa: E402
 from litellm.proxy._types import UserAPIKeyAuth  # noqa: E402
