@@ -152,7 +152,7 @@ def create_app(config: GatewayConfig) -> Starlette:
         ],
         exception_handlers={HTTPException: http_error, Exception: internal_error},
         # AccessLog outermost: a request refused at the in-flight limit still gets its id, line and count.
-        middleware=[Middleware(AccessLog, forward_headers=config.upstream.forward_headers),
+        middleware=[Middleware(AccessLog, forward_headers=config.upstream.forward_headers if config.upstream else ()),
                     Middleware(InFlightLimit, limit=config.server.max_in_flight)],
         lifespan=lifespan,
     )

@@ -23,7 +23,7 @@ def summary(config: GatewayConfig, policies: PolicySet, *, host: str, port: int,
     g = config.guard
     guard: dict[str, Any] = {"guard_backend": g.backend}
     if g.backend == "embedded":
-        guard["guard_model"] = "embedded MiniLM head (in process, CPU)"
+        guard["guard_model"] = "embedded multilingual-e5-small classifier (in process, CPU)"
     else:
         guard["guard_model"] = g.model
         guard["guard_endpoints"] = [redact_url(u) for u in g.base_urls]
@@ -34,9 +34,7 @@ def summary(config: GatewayConfig, policies: PolicySet, *, host: str, port: int,
     return {
         "event": "startup", "listen": f"http://{f'[{host}]' if ':' in host else host}:{port}", "workers": workers,
         **guard,
-        "upstream": redact_url(str(config.upstream.base_url)),
-        "upstream_key": "set" if config.upstream.api_key is not None else "none",
-        "forward_headers": config.upstream.forward_headers,
+        **upstream_summary(config),
         "policies_dir": str(config.policies_dir),
         "tenants": {name: len(p.api_keys) for name, p in sorted(policies.tenants.items())},  # name → key count
         "cache": f"redis {redact_url(redis.get_secret_value())}" if redis else "in-process only",
@@ -46,10 +44,19 @@ def summary(config: GatewayConfig, policies: PolicySet, *, host: str, port: int,
     }
 
 
+def upstream_summary(config: GatewayConfig) -> dict[str, object]:
+    if config.upstream is None:  # `models:` through LiteLLM
+        names = sorted({m.name for m in config.models or []})
+        return {"upstream": f"litellm ({len(config.models or [])} deployments)", "models": names}
+    return {"upstream": redact_url(str(config.upstream.base_url)),
+            "upstream_key": "set" if config.upstream.api_key is not None else "none",
+            "forward_headers": config.upstream.forward_headers}
+
+
 def warnings(config: GatewayConfig, policies: PolicySet, *, workers: int) -> list[StartupWarning]:
     out = []
-    upstream_host = urlsplit(str(config.upstream.base_url)).hostname or ""
-    if config.upstream.api_key is None and upstream_host.endswith("api.openai.com"):
+    upstream_host = (urlsplit(str(config.upstream.base_url)).hostname or "") if config.upstream else ""
+    if config.upstream and config.upstream.api_key is None and upstream_host.endswith("api.openai.com"):
         out.append(StartupWarning("upstream_without_key", "upstream.api_key is not set and the upstream is "
                             f"{upstream_host}: every chat request will get 401 from OpenAI. Set UPSTREAM_API_KEY "
                             "(or upstream.api_key), or point UPSTREAM_BASE_URL at your own model server"))

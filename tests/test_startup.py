@@ -196,3 +196,15 @@ def test_check_without_a_policies_folder_uses_the_built_in_default(tmp_path):
     assert r.returncode == 0, r.stderr
     out = json.loads(r.stdout)
     assert out["policy"] == "built-in default policy" and out["decision"] == "allow" and out["threshold"] == 40
+
+
+def test_a_start_with_litellm_models_names_them_and_warns_of_no_upstream_key():
+    config = GatewayConfig.model_validate({
+        "models": [{"name": "claude", "model": "anthropic/claude-x", "api_key": "sk-ant-secret"},
+                   {"name": "claude", "model": "anthropic/claude-y"}, {"name": "local", "model": "ollama/llama3.1"}],
+        "guard": {"base_url": "http://127.0.0.1:8/v1"}})
+    keyed = PolicyStore(Path(__file__).parents[1] / "policies" / "examples", 0).current
+    line = summary(config, keyed, host="127.0.0.1", port=8080, workers=1)
+    assert line["upstream"] == "litellm (3 deployments)" and line["models"] == ["claude", "local"]
+    assert "sk-ant-secret" not in str(line)
+    assert warnings(config, keyed, workers=1) == []
