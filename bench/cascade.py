@@ -2,6 +2,12 @@
 
     python bench/cascade.py --data tests/embedded_everyday_prompts.json [--threshold 40]
     python bench/cascade.py --heldout new.json     # scores written by scripts/eval_embedded.py --out
+    python bench/cascade.py --validation ~/.cache/guardgate-embedded-train/validation.json
+
+--validation: derives the default band from the training script's own validation split (never from the
+held-out sets): the widest-reaching floor that leaves at most 1% of harmful validation texts below it, and
+the lowest ceiling that leaves at most 1% of benign ones above it. --heldout then shows what that band
+does on the hand-written held-out sets.
 
 --heldout: the embedded guard's held-out scores per slice (harmful slices are label 1); prints, per band,
 the share sent to the GPU guard, and per slice how many texts the CPU decides wrongly (for the padded
@@ -36,8 +42,15 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", type=Path)
     parser.add_argument("--heldout", type=Path)
+    parser.add_argument("--validation", type=Path)
     parser.add_argument("--threshold", type=int, default=40)
     args = parser.parse_args()
+    if args.validation:
+        doc = json.loads(args.validation.read_text())
+        lo, hi = derive_band(doc["risks"], doc["labels"])
+        sent = sum(lo <= r <= hi for r in doc["risks"]) / len(doc["risks"])
+        print(f"band [{lo}, {hi}] from {len(doc['risks'])} validation texts: {sent:.0%} of them sent to the GPU guard")
+        return None
     if args.heldout:
         return heldout(args.heldout, args.threshold)
     if not args.data:
@@ -73,6 +86,15 @@ def main() -> None:
               f"  ({false_blocks} / {missed})")
 
 
+def derive_band(risks: list[int], labels: list[bool], miss: float = 0.01) -> tuple[int, int]:
+    """[lo, hi] with at most `miss` of the harmful texts below lo and of the benign ones above hi."""
+    harmful = sorted(r for r, y in zip(risks, labels) if y)
+    benign = sorted(r for r, y in zip(risks, labels) if not y)
+    lo = max((t for t in range(101) if sum(r < t for r in harmful) <= miss * len(harmful)), default=0)
+    hi = min((t for t in range(101) if sum(r > t for r in benign) <= miss * len(benign)), default=100)
+    return min(lo, hi), max(lo, hi)
+
+
 def heldout(path: Path, threshold: int) -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
     from eval_embedded import SLICES
@@ -83,7 +105,7 @@ def heldout(path: Path, threshold: int) -> None:
     print(f"{result['identity']}: {total} held-out texts; threshold {threshold}")
     print("| band | to GPU | " + " | ".join(slices) + " |")
     print("|---|---:|" + "---:|" * len(slices))
-    for lo, hi in [(15, 70), (10, 80), (10, 90), (5, 90), (5, 95), (3, 97)]:
+    for lo, hi in [(15, 70), (10, 80), (5, 90), (7, 93), (5, 95), (3, 97)]:
         sent = sum(lo <= r <= hi for rs in slices.values() for r in rs)
         cells = []
         for name, rs in slices.items():

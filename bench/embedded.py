@@ -106,7 +106,7 @@ def main() -> None:
                       "| case | time |", "|---|---|", *(f"| {a} | {b} |" for a, b in rows)])
     if args.write_docs:
         sys.path.insert(0, str(REPO / "scripts"))
-        from train_embedded_guard import replace_section
+        from embedded_data import replace_section
 
         replace_section(REPO / "docs" / "embedded_guard.md", "bench", body)
     print(body)

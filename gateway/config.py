@@ -163,10 +163,11 @@ class CascadeConfig(_Strict):
     """`backend: cascade`: the embedded guard first, the remote guard only for uncertain texts."""
 
     second: RemoteBackend = "flexguard"
-    # Embedded risks in [low, high] go to the remote guard; outside, the embedded verdict stands. Derived
-    # from the embedded guard's held-out scores (docs/embedded_guard.md): a low floor, because a harmful
-    # request behind benign padding can score low, and a text below the band is never looked at again.
-    uncertain: tuple[int, int] = (5, 90)
+    # Embedded risks in [low, high] go to the remote guard; outside, the embedded verdict stands (and a text
+    # the embedded guard read only in part always goes on). Derived from the training script's validation
+    # split (bench/cascade.py --validation): at most 1% of its harmful texts below the floor and 1% of its
+    # benign ones above the ceiling; docs/embedded_guard.md shows what it does on the held-out sets.
+    uncertain: tuple[int, int] = (7, 93)
 
     @field_validator("uncertain")
     @classmethod

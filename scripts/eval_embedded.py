@@ -75,9 +75,9 @@ def build_slices() -> dict[str, list[tuple[str, str, str]]]:
 
 def _train_module():
     sys.path.insert(0, str(REPO / "scripts"))
-    import train_embedded_guard
+    import embedded_data
 
-    return train_embedded_guard
+    return embedded_data
 
 
 def training_texts() -> set[str]:

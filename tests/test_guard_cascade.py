@@ -56,3 +56,19 @@ def test_identity_names_both_guards_and_the_band():
     assert cascade.identity == "cascade|a|b|uncertain=10-70"
     with pytest.raises(ValueError):
         CascadeGuard(ScriptedGuard("a"), ScriptedGuard("b"), (70, 10))
+
+
+class PartlyReadingGuard(ScriptedGuard):
+    """A first guard that says which texts it read only in part (the embedded guard's long texts)."""
+
+    async def score_with_coverage(self, inputs: Sequence[GuardInput]) -> tuple[list[Verdict], list[bool]]:
+        return await self.score(inputs), ["long" not in i.user for i in inputs]
+
+
+def test_a_text_the_first_guard_read_only_in_part_goes_on_whatever_its_score():
+    first = PartlyReadingGuard("embedded")
+    second = ScriptedGuard("gpu", fixed=Verdict(88, ("VIO",)))
+    cascade = CascadeGuard(first, second, (20, 60))
+    verdicts = asyncio.run(cascade.score([GuardInput("prompt", t) for t in ["short 3", "long 3", "long 95"]]))
+    assert [v.risk for v in verdicts] == [3, 88, 88]
+    assert second.seen == ["long 3", "long 95"]

