@@ -18,7 +18,15 @@ from gateway import metrics
 from gateway.errors import GuardUnavailable, UpstreamError
 from gateway.guard.base import GuardInput
 from gateway.moderation import Moderator, Report
-from gateway.streaming import ChoiceTexts, HoldBack, SSEEvent, SSEParser, StreamProtocolError, withhold_choices
+from gateway.streaming import (
+    ChoiceTexts,
+    HoldBack,
+    SSEEvent,
+    SSEParser,
+    StreamProtocolError,
+    release_point,
+    withhold_choices,
+)
 
 
 async def close_upstream(resp: httpx.Response) -> None:
@@ -92,7 +100,11 @@ async def windowed(moderator: Moderator, report: Report, resp: httpx.Response, c
                 hold.block(index)
                 report.blocked_choices.add(index)
             else:  # allowed, flagged, shadowed, or fail-open: released
-                hold.approve(index, size, final=final)
+                whole = final or (hold.complete(index) and size >= hold.texts.size(index))
+                cut = size if whole else release_point(text, size)
+                hold.approve(index, cut, final=final)
+                if cut < size and checked.get(index) == size:
+                    checked[index] = cut  # the held tail is checked again, whole, with what follows it
                 if final and index in inflight:
                     inflight.pop(index).cancel()  # a prefix of what was just approved
         except GuardUnavailable as e:

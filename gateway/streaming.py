@@ -339,6 +339,22 @@ def withhold_choices(events: Iterable[SSEEvent], blocked: set[int]) -> Iterator[
     yield b"data: [DONE]\n\n"
 
 
+_SENTENCE_ENDS = ".!?;:\n。！？；"
+
+
+def release_point(text: str, size: int) -> int:
+    """Where an approved window's release stops: after the last sentence end in text[:size] (else the last
+    space), so a harmful sentence cut by the window's edge is not half released; the tail waits for the
+    next check, which reads it whole."""
+    head = text[:size]
+    for i in range(len(head) - 1, -1, -1):
+        if head[i] in _SENTENCE_ENDS and (i + 1 == len(head) or head[i + 1].isspace() or head[i] == "\n"
+                                          or head[i] in "。！？；"):
+            return i + 1
+    space = max(head.rfind(" "), head.rfind("\t"))
+    return space + 1 if space > 0 else size
+
+
 @dataclass(slots=True)
 class _Held:
     event: SSEEvent

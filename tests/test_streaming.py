@@ -86,3 +86,14 @@ def test_a_blocked_choice_that_never_finished_still_ends_with_content_filter():
     lines = [l for l in out.split(b"\n\n") if l]
     assert orjson.loads(lines[-2][6:])["choices"][0]["finish_reason"] == "content_filter"
     assert lines[-1] == b"data: [DONE]" and b"bad" not in out
+
+
+def test_an_approved_window_is_released_up_to_its_last_sentence_end():
+    from gateway.streaming import release_point
+
+    text = "Plants need light. Now mix the blea"
+    assert text[:release_point(text, len(text))] == "Plants need light."
+    assert release_point("One line\nNow mix", 16) == len("One line\n")
+    assert release_point("这是第一句。然后", 8) == len("这是第一句。")
+    assert release_point("no sentence end here but spaces", 31) == len("no sentence end here but ")
+    assert release_point("unbroken", 8) == 8
