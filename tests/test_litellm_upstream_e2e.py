@@ -25,7 +25,7 @@ import_litellm()
 
 from gateway.app import create_app  # noqa: E402
 from gateway.config import load_config  # noqa: E402
-from tests.conftest import closed_port, serve_gateway  # noqa: E402
+from tests.conftest import closed_port, fresh, serve_gateway  # noqa: E402
 from tests.provider_standins import ProviderBehaviour, anthropic_app, ollama_app  # noqa: E402
 from tests.standins import Rule, ServerThread  # noqa: E402
 
@@ -60,26 +60,19 @@ def _ollama():
     yield from _serve(ollama_app)
 
 
-def _fresh(pair):
-    behaviour, server = pair
-    behaviour.reset()
-    behaviour.url = server.url
-    return behaviour
-
-
 @pytest.fixture
 def anthropic(_anthropic) -> ProviderBehaviour:
-    return _fresh(_anthropic)
+    return fresh(_anthropic)
 
 
 @pytest.fixture
 def backup(_anthropic_backup) -> ProviderBehaviour:
-    return _fresh(_anthropic_backup)
+    return fresh(_anthropic_backup)
 
 
 @pytest.fixture
 def ollama(_ollama) -> ProviderBehaviour:
-    return _fresh(_ollama)
+    return fresh(_ollama)
 
 
 def models_config(anthropic, backup, ollama, upstream) -> list[dict]:

@@ -227,11 +227,16 @@ def prepare(model: Model, inputs: Sequence[GuardInput]) -> tuple[list[_Text | No
             covered.append(False)
             spans = model.token_ids([text[a:b] for a, b in spread_spans(len(text))])
             chunks = [c for ids in spans for c in plan_chunks(i, ids, question)[:1]]
-        if len(chunks) > MAX_CHUNKS:
-            keep = np.linspace(0, len(chunks) - 1, MAX_CHUNKS).round().astype(int)
-            chunks = [chunks[k] for k in sorted(set(keep.tolist()))]
-        texts.append(_Text(inp.stage, chunks))
+        texts.append(_Text(inp.stage, thin(chunks, MAX_CHUNKS)))
     return texts, covered
+
+
+def thin(chunks: list[Chunk], limit: int) -> list[Chunk]:
+    """At most `limit` chunks, spread evenly over the text, first and last included."""
+    if len(chunks) <= limit:
+        return chunks
+    keep = np.linspace(0, len(chunks) - 1, limit).round().astype(int)
+    return [chunks[k] for k in sorted(set(keep.tolist()))]
 
 
 def batches(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
@@ -239,13 +244,11 @@ def batches(chunks: Sequence[Chunk]) -> list[list[Chunk]]:
     one group: the int8 model quantizes its activations per batch, so a text's score must not depend on
     what else was scored with it (a verdict is cached as a function of the text alone)."""
     out: list[list[Chunk]] = []
-    for owner in sorted({c.owner for c in chunks}):
-        first = len(out)
-        for c in sorted((c for c in chunks if c.owner == owner), key=lambda c: (len(c.ids), c.start, c.ids)):
-            if len(out) > first and (len(out[-1]) + 1) * len(c.ids) <= BATCH_TOKENS:
-                out[-1].append(c)
-            else:
-                out.append([c])
+    for c in sorted(chunks, key=lambda c: (c.owner, len(c.ids), c.start, c.ids)):
+        if out and out[-1][0].owner == c.owner and (len(out[-1]) + 1) * len(c.ids) <= BATCH_TOKENS:
+            out[-1].append(c)
+        else:
+            out.append([c])
     return out
 
 
@@ -275,12 +278,16 @@ def verdicts(model: Model, texts: Sequence[_Text | None]) -> list[Verdict]:
     return out
 
 
-def score_sync(model: Model, inputs: Sequence[GuardInput]) -> list[Verdict]:
-    """Score inputs in one go (the training script's evaluation and tests use this)."""
+def read(model: Model, inputs: Sequence[GuardInput]) -> list[_Text | None]:
+    """Every input's riskiest window, in one go on this thread (the training script and tests use it)."""
     texts, _ = prepare(model, inputs)
     for group in batches([c for t in texts if t for c in t.chunks]):
         absorb(texts, group, model.run(group))
-    return verdicts(model, texts)
+    return texts
+
+
+def score_sync(model: Model, inputs: Sequence[GuardInput]) -> list[Verdict]:
+    return verdicts(model, read(model, inputs))
 
 
 class EmbeddedGuard:
