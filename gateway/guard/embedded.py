@@ -311,10 +311,18 @@ class EmbeddedGuard:
     def score_sync(self, inputs: Sequence[GuardInput]) -> list[Verdict]:
         return score_sync(self.model, inputs)
 
+    def _start(self, inputs: Sequence[GuardInput]) -> tuple[list[_Text | None], list[bool], list[list[Chunk]]]:
+        """The first job: cut the texts and run the first batch (all there is, for most calls)."""
+        texts, covered = prepare(self.model, inputs)
+        groups = batches([c for t in texts if t for c in t.chunks])
+        if groups:
+            absorb(texts, groups[0], self.model.run(groups[0]))
+        return texts, covered, groups[1:]
+
     async def _score(self, inputs: Sequence[GuardInput]) -> tuple[list[Verdict], list[bool]]:
         loop = asyncio.get_running_loop()
-        texts, covered = await loop.run_in_executor(self._executor, prepare, self.model, inputs)
-        for group in batches([c for t in texts if t for c in t.chunks]):
+        texts, covered, rest = await loop.run_in_executor(self._executor, self._start, inputs)
+        for group in rest:
             # One job per batch: other requests' jobs queue between them (the executor is FIFO).
             outputs = await loop.run_in_executor(self._executor, self.model.run, group)
             absorb(texts, group, outputs)
