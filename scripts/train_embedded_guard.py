@@ -139,7 +139,10 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
         a, b = pad(prose, 200, 700), pad(prose, 200, 700)
         out.append(data.Example("response", f"{a}\n\n{e.text}\n\n{b}", True, e.category, f"padded/{e.source}",
                                 e.group, user=e.user))
-    for e in rng.sample([x for x in train if x.stage == "response" and not x.harmful], min(500, len(answers))):
+    # Benign answers padded the same way; not the derived refusals: prose around a refusal to a harmful
+    # request reads as compliance, and so would teach that compliance is safe.
+    safe_answers = [x for x in train if x.stage == "response" and not x.harmful and not x.source.startswith("derived/")]
+    for e in rng.sample(safe_answers, min(500, len(answers))):
         a, b = pad(prose, 200, 700), pad(prose, 200, 700)
         out.append(data.Example("response", f"{a}\n\n{e.text}\n\n{b}", False, None, f"padded/{e.source}",
                                 e.group, user=e.user))
@@ -158,12 +161,19 @@ def capped(examples: list[data.Example], cap: int, seed: int) -> list[data.Examp
     return out
 
 
+# Benign texts that look harmful (alarming words, refusals, commands, answers about harm): what the
+# guard gets wrong most, so they weigh more than their count within the benign class.
+HARD_NEGATIVES = ("handwritten/", "derived/", "cheat/", "pyrit/refusal-evals")
+HARD_WEIGHT = 2.0
+
+
 def weights(examples: list[data.Example]) -> np.ndarray:
-    """Each (stage, source, label) cell weighs n**0.5 instead of n; then each class totals half per stage,
-    so P is calibrated for a 50/50 prior."""
+    """Each (stage, source, label) cell weighs n**0.5 instead of n, hard negatives HARD_WEIGHT times
+    that; then each class totals half per stage, so P is calibrated for a 50/50 prior."""
     keys = [(e.stage, e.source.split("/")[0] + "/" + e.source.split("/")[-1], e.harmful) for e in examples]
     cells = Counter(keys)
-    w = np.array([cells[k] ** -0.5 for k in keys])
+    w = np.array([cells[k] ** -0.5 * (HARD_WEIGHT if not e.harmful and e.source.removeprefix("padded/")
+                                      .startswith(HARD_NEGATIVES) else 1.0) for k, e in zip(keys, examples)])
     for stage in ("prompt", "response"):
         for label in (False, True):
             rows = [i for i, e in enumerate(examples) if e.stage == stage and e.harmful == label]
