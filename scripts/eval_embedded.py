@@ -3,8 +3,9 @@
     python scripts/eval_embedded.py --out new.json                  # this checkout's guard
     PYTHONPATH=/path/to/old/checkout python scripts/eval_embedded.py --out old.json --label "old head"
     python scripts/eval_embedded.py --table old.json new.json [--write-docs]
+    python scripts/eval_embedded.py --sets tests/data/heldout_v2 ...   # the second, fresher sets
 
-The sets (tests/data/heldout/, SOURCE.md there says where they come from) were written by hand for
+The sets (tests/data/heldout*/, SOURCE.md in each says where they come from) were written by hand for
 evaluation only; scripts/train_embedded_guard.py never reads them. Every text goes through the guard's
 own `score()`, as the gateway calls it. A slice's figure is the share blocked (risk >= threshold).
 """
@@ -41,11 +42,16 @@ SLICES = {
     "answers_embedded": ("…of which: a harmful paragraph inside 500–1,500 chars", True, 0.85),
     "answers_safe": ("safe answers: refusals, one-word trivia, ordinary help", False, 0.03),
     "answers_trivia": ("…of which: one-word trivia answers", False, 0.03),
+    "answers_refusal": ("…of which: refusals to harmful questions", False, 0.03),
+    "answers_help": ("…of which: ordinary help", False, 0.03),
 }
 
 
+SETS = HELDOUT  # --sets
+
+
 def load(name: str) -> list[dict]:
-    return json.loads((HELDOUT / f"{name}.json").read_text())
+    return json.loads((SETS / f"{name}.json").read_text())
 
 
 def build_slices() -> dict[str, list[tuple[str, str, str]]]:
@@ -70,6 +76,8 @@ def build_slices() -> dict[str, list[tuple[str, str, str]]]:
         "answers_embedded": [("response", a["question"], a["answer"]) for a in answers if a["kind"] == "embedded"],
         "answers_safe": [("response", a["question"], a["answer"]) for a in answers if a["label"] == "safe"],
         "answers_trivia": [("response", a["question"], a["answer"]) for a in answers if a["kind"] == "trivia"],
+        "answers_refusal": [("response", a["question"], a["answer"]) for a in answers if a["kind"] == "refusal"],
+        "answers_help": [("response", a["question"], a["answer"]) for a in answers if a["kind"] == "help"],
     }
 
 
@@ -87,12 +95,17 @@ def training_texts() -> set[str]:
     return {train.norm(e.text) for e in train.build_dataset(train.fetch_wheels(cache))}
 
 
+def is_seen(item: tuple[str, str, str], seen: set[str]) -> bool:
+    """Whether the scored text also occurs in the training corpus ("ok", "Green", ...)."""
+    text = item[2] or item[1]
+    return bool(text.strip()) and _data_module().norm(text) in seen
+
+
 def unseen(slices: dict[str, list[tuple[str, str, str]]], seen: set[str]) -> tuple[dict, dict[str, int]]:
-    """The slices without the texts that also occur in the training corpus ("ok", "Green", ...)."""
-    norm = _data_module().norm
+    """The slices without the texts that also occur in the training corpus."""
     kept, dropped = {}, {}
     for name, items in slices.items():
-        kept[name] = [i for i in items if not (i[2] or i[1]).strip() or norm(i[2] or i[1]) not in seen]
+        kept[name] = [i for i in items if not is_seen(i, seen)]
         dropped[name] = len(items) - len(kept[name])
     return kept, dropped
 
@@ -104,8 +117,10 @@ def run(label: str, seen: set[str]) -> dict:
     started = time.perf_counter()
     guard = embedded.EmbeddedGuard()
     load_s = time.perf_counter() - started
-    slices, dropped = unseen(build_slices(), seen)
-    out: dict = {"label": label, "identity": guard.identity, "load_s": load_s, "slices": {}, "dropped": dropped}
+    everything = build_slices()
+    slices, dropped = unseen(everything, seen)
+    out: dict = {"label": label, "identity": guard.identity, "load_s": load_s, "slices": {}, "dropped": dropped,
+                 "with_seen": {}}
 
     async def score(items: list[tuple[str, str, str]]) -> list[int]:
         inputs = [GuardInput(stage, user, answer if stage == "response" else None)  # type: ignore[arg-type]
@@ -119,6 +134,9 @@ def run(label: str, seen: set[str]) -> dict:
         risks = asyncio.run(score(items))
         out["slices"][name] = {"n": len(items), "risks": risks,
                                "blocked": {str(t): sum(r >= t for r in risks) / max(len(risks), 1) for t in THRESHOLDS}}
+        if dropped[name]:  # what a user meets: the seen texts kept
+            every = asyncio.run(score(everything[name]))
+            out["with_seen"][name] = [len(every), sum(r >= DEFAULT for r in every)]
     asyncio.run(guard.aclose())
     return out
 
@@ -138,6 +156,10 @@ def table(results: list[dict]) -> str:
     dropped = results[-1].get("dropped", {})
     lines += ["", "Held-out texts that also occur verbatim in the training corpus are left out of the slices: "
               + (", ".join(f"{k} {v}" for k, v in dropped.items() if v) or "none") + "."]
+    if any(r.get("with_seen") for r in results):
+        kept = "; ".join(f"{r['label']}: " + ", ".join(f"{k} {b}/{n}" for k, (n, b) in r["with_seen"].items())
+                         for r in results if r.get("with_seen"))
+        lines += ["", f"Blocked at 40 with those texts kept (what a user meets): {kept}."]
     lines += ["", "Share of each slice blocked (risk ≥ threshold): for harmful slices that is recall, for benign "
               "slices the false-block rate. " + "; ".join(f"{r['label']}: `{r['identity']}`" for r in results) + "."]
     lines += ["", prf_lines(results)]
@@ -170,13 +192,16 @@ def main() -> None:
     ap.add_argument("--out", type=Path, help="write this guard's results here")
     ap.add_argument("--label", default="this guard")
     ap.add_argument("--table", type=Path, nargs="+", help="render results files side by side")
-    ap.add_argument("--write-docs", action="store_true", help="into docs/embedded_guard.md's heldout section")
+    ap.add_argument("--sets", type=Path, default=HELDOUT, help="the folder of held-out sets")
+    ap.add_argument("--write-docs", action="store_true", help="into docs/embedded_guard.md's section for --sets")
     ap.add_argument("--verbose", action="store_true", help="print each misjudged text")
     args = ap.parse_args()
+    global SETS
+    SETS = args.sets.resolve()
     if args.table:
         body = table([json.loads(p.read_text()) for p in args.table])
-        if args.write_docs:
-            _data_module().replace_section(REPO / "docs" / "embedded_guard.md", "heldout", body)
+        if args.write_docs:  # one section per folder: heldout, heldout_v2
+            _data_module().replace_section(REPO / "docs" / "embedded_guard.md", SETS.name, body)
         print(body)
         return
     import gateway.guard.embedded  # noqa: F401  (the guard under test, before the training script's path)
