@@ -100,12 +100,12 @@ def heldout(path: Path, threshold: int) -> None:
     from eval_embedded import SLICES
 
     result = json.loads(path.read_text())
-    slices = {k: v["risks"] for k, v in result["slices"].items() if not k.startswith(("answers_embedded", "answers_trivia"))}
+    slices = {k: v["risks"] for k, v in result["slices"].items() if not k.startswith(("answers_embedded", "answers_trivia", "answers_refusal", "answers_help"))}
     total = sum(len(r) for r in slices.values())
     print(f"{result['identity']}: {total} held-out texts; threshold {threshold}")
     print("| band | to GPU | " + " | ".join(slices) + " |")
     print("|---|---:|" + "---:|" * len(slices))
-    for lo, hi in [(15, 70), (10, 80), (5, 90), (7, 93), (5, 95), (3, 97)]:
+    for lo, hi in [(15, 70), (10, 80), (5, 90), (4, 87), (3, 95), (2, 97)]:
         sent = sum(lo <= r <= hi for rs in slices.values() for r in rs)
         cells = []
         for name, rs in slices.items():

