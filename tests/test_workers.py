@@ -133,8 +133,11 @@ def gone(pid: int) -> bool:
 def test_a_dead_worker_is_replaced_even_after_failed_starts_and_workers_leave_with_a_killed_supervisor(tmp_path, guard, upstream):
     (tmp_path / "policies").mkdir()
     (tmp_path / "policies" / "default.yaml").write_text("strictness: moderate\n")
+    # Quiet: this test polls for up to a minute and reads the output only at the end; an access line per
+    # poll filled the 64 KB pipe, and a worker blocked on its log write could neither serve nor exit.
     config = {"upstream": {"base_url": f"{upstream.url}/v1"}, "guard": {"base_url": f"{guard.url}/v1"},
-              "policies_dir": "policies", "server": {"allow_open": True, "admin_key": ADMIN_KEY, "workers": 2}}
+              "policies_dir": "policies",
+              "server": {"allow_open": True, "admin_key": ADMIN_KEY, "workers": 2, "log_level": "warning"}}
     (tmp_path / "gateway.yaml").write_text(yaml.safe_dump(config))
     port = closed_port()
     proc = serve_gateway(tmp_path / "gateway.yaml", port)  # server.workers: 2 in the file
