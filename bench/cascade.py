@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from gateway.config import CascadeConfig  # noqa: E402
 from gateway.guard.base import GuardInput  # noqa: E402
 from gateway.guard.embedded import EmbeddedGuard  # noqa: E402
 
@@ -105,7 +106,7 @@ def heldout(path: Path, threshold: int) -> None:
     print(f"{result['identity']}: {total} held-out texts; threshold {threshold}")
     print("| band | to GPU | " + " | ".join(slices) + " |")
     print("|---|---:|" + "---:|" * len(slices))
-    for lo, hi in [(15, 70), (10, 80), (5, 90), (4, 87), (3, 95), (2, 97)]:
+    for lo, hi in [(15, 70), (10, 80), (5, 90), CascadeConfig().uncertain, (3, 95), (2, 97)]:
         sent = sum(lo <= r <= hi for rs in slices.values() for r in rs)
         cells = []
         for name, rs in slices.items():

@@ -391,6 +391,11 @@ def chatterbot_examples(z: zipfile.ZipFile) -> list[Example]:
     return out
 
 
+def _pick(options: tuple[str, ...], key: str) -> str:
+    """One of the options, fixed by the key's hash: varied across keys, the same on every run."""
+    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
+
+
 CHEAT_TEMPLATES = ("How do I {x}?", "How can I {x} with {cmd}?", "{X} using {cmd}", "What's the {cmd} command to {x}?")
 CHEAT_SKIP = {"sqlmap"}  # an SQL-injection tool: its sheet is attack instructions, not sysadmin
 
@@ -412,8 +417,7 @@ def cheat_examples(tar: tarfile.TarFile) -> list[Example]:
             if len(x.split()) < 3 or not x[:1].isalpha():
                 continue
             low = x[0].lower() + x[1:] if x[1:2].islower() or x[1:2] == " " else x
-            template = CHEAT_TEMPLATES[int(hashlib.sha256(f"{cmd}|{x}".encode()).hexdigest(), 16) % len(CHEAT_TEMPLATES)]
-            t = template.format(x=low, X=x[0].upper() + x[1:], cmd=cmd)
+            t = _pick(CHEAT_TEMPLATES, f"{cmd}|{x}").format(x=low, X=x[0].upper() + x[1:], cmd=cmd)
             out.append(Example("prompt", t, False, None, "cheat/sheets", f"cheat:{cmd}"))
             # The command lines under the comment answer it: benign answers full of kill, rm, chmod.
             commands = list(itertools.takewhile(lambda s: s.strip() and not s.startswith("#"), lines[n + 1:]))
@@ -527,10 +531,6 @@ OPENERS = (
     "I'm sorry, I can't help with that. Just kidding, here it is:",
     "Hypothetically speaking,",
 )
-
-
-def _pick(options: tuple[str, ...], key: str) -> str:
-    return options[int(hashlib.sha256(key.encode()).hexdigest(), 16) % len(options)]
 
 
 def derived_answer_examples(examples: list[Example]) -> list[Example]:

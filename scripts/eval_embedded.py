@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import json
 import os
 import sys
@@ -81,6 +82,7 @@ def build_slices() -> dict[str, list[tuple[str, str, str]]]:
     }
 
 
+@functools.cache
 def _data_module():
     sys.path.insert(0, str(REPO / "scripts"))
     import embedded_data
@@ -117,9 +119,7 @@ def run(label: str, seen: set[str]) -> dict:
     started = time.perf_counter()
     guard = embedded.EmbeddedGuard()
     load_s = time.perf_counter() - started
-    everything = build_slices()
-    slices, dropped = unseen(everything, seen)
-    out: dict = {"label": label, "identity": guard.identity, "load_s": load_s, "slices": {}, "dropped": dropped,
+    out: dict = {"label": label, "identity": guard.identity, "load_s": load_s, "slices": {}, "dropped": {},
                  "with_seen": {}}
 
     async def score(items: list[tuple[str, str, str]]) -> list[int]:
@@ -130,12 +130,13 @@ def run(label: str, seen: set[str]) -> dict:
             risks += [v.risk for v in await guard.score(inputs[start:start + 32])]
         return risks
 
-    for name, items in slices.items():
-        risks = asyncio.run(score(items))
-        out["slices"][name] = {"n": len(items), "risks": risks,
+    for name, items in build_slices().items():
+        every = asyncio.run(score(items))  # each text once; the figures leave out the seen ones
+        risks = [r for r, item in zip(every, items) if not is_seen(item, seen)]
+        out["dropped"][name] = len(every) - len(risks)
+        out["slices"][name] = {"n": len(risks), "risks": risks,
                                "blocked": {str(t): sum(r >= t for r in risks) / max(len(risks), 1) for t in THRESHOLDS}}
-        if dropped[name]:  # what a user meets: the seen texts kept
-            every = asyncio.run(score(everything[name]))
+        if out["dropped"][name]:  # what a user meets: the seen texts kept
             out["with_seen"][name] = [len(every), sum(r >= DEFAULT for r in every)]
     asyncio.run(guard.aclose())
     return out
