@@ -6,6 +6,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -98,11 +99,30 @@ def guardgate_command() -> list[str]:
     return [exe]
 
 
+class GatewayProcess(subprocess.Popen):
+    """A `guardgate serve` whose output is read as it comes (`output()`, `communicate()`): a pipe nobody
+    reads fills at 64 KB, and a server blocked on a log write can neither serve nor exit."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lines: list[str] = []
+        self._drain = threading.Thread(target=lambda: self.lines.extend(self.stdout or ()), daemon=True)
+        self._drain.start()
+
+    def output(self) -> str:
+        return "".join(self.lines)
+
+    def communicate(self, input=None, timeout=None) -> tuple[str, None]:  # noqa: A002 - Popen's signature
+        self.wait(timeout)
+        self._drain.join(timeout)
+        return self.output(), None
+
+
 def serve_gateway(config_path: Path, port: int, env: dict | None = None, timeout_s: float = 60,
-                  args: tuple[str, ...] = ()) -> subprocess.Popen:
+                  args: tuple[str, ...] = ()) -> GatewayProcess:
     """`guardgate serve` in its own process; returns once /healthz answers. Output is captured (text)."""
-    proc = subprocess.Popen(guardgate_command() + ["serve", "--config", str(config_path), "--port", str(port), *args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = GatewayProcess(guardgate_command() + ["serve", "--config", str(config_path), "--port", str(port), *args],
+                          env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + timeout_s
     while True:
         try:
