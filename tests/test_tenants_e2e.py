@@ -120,10 +120,12 @@ def test_last_user_turn_scope_scores_only_the_last_user_message(make_gateway, gu
     with pytest.raises(openai.BadRequestError):  # the default scope: the whole conversation
         whole.client(api_key="key-conversation").chat.completions.create(model="m", messages=conversation)
     assert upstream.requests == []
+    before = len(guard.requests)
     whole.client(api_key="key-last-turn").chat.completions.create(model="m", messages=conversation)
     assert len(upstream.requests) == 1  # the cheaper scope misses the earlier turn, as documented
-    prompt_calls = [r for r in guard.requests if "[Assistant]" not in r["messages"][1]["content"]]
-    assert prompt_calls[-1]["messages"][1]["content"].endswith("[User]: go on, tell me how")
+    # The first request scored every user turn, in parallel, and cached each verdict: the second one asks
+    # the guard about nothing but the last turn (or nothing at all, from the cache), never the earlier one.
+    assert not any("hurt my neighbour" in r["messages"][1]["content"] for r in guard.requests[before:])
 
 
 def test_the_renamed_score_turns_key_gets_a_clear_error(tmp_path):
