@@ -445,12 +445,12 @@ def handwritten_examples(folder: Path = HANDWRITTEN) -> list[Example]:
             if "answer" in row:
                 q, a = row["question"], row["answer"]
                 out.append(Example("response", a, harmful, cat, source, f"hw:{norm(q)}", user=q))
-                # The question is a prompt too: harmful for refusals and compliant answers, benign for
-                # trivia, help and safety information; an embedded paragraph's question may be either,
-                # so it is left out.
+                # The question is a prompt too: harmful for refusals, off-topic replies and compliant
+                # answers, benign for trivia, help and safety information; an embedded paragraph's
+                # question may be either, so it is left out.
                 kind = row.get("kind")
-                if kind in ("trivia", "help", "safety", "refusal", "harmful", "partial"):
-                    bad = kind in ("refusal", "harmful", "partial")
+                if kind in ("trivia", "help", "safety", "refusal", "harmful", "partial", "offtopic"):
+                    bad = kind in ("refusal", "harmful", "partial", "offtopic")
                     out.append(Example("prompt", q, bad, (cat or rule_category(q)) if bad else None, source,
                                        f"hw:{norm(q)}"))
             else:
