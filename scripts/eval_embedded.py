@@ -3,7 +3,6 @@
     python scripts/eval_embedded.py --out new.json                  # this checkout's guard
     PYTHONPATH=/path/to/old/checkout python scripts/eval_embedded.py --out old.json --label "old head"
     python scripts/eval_embedded.py --table old.json new.json [--write-docs]
-    python scripts/eval_embedded.py --sets tests/data/heldout_v2 ...   # the second, fresher sets
 
 The sets (tests/data/heldout*/, SOURCE.md in each says where they come from) were written by hand for
 evaluation only; scripts/train_embedded_guard.py never reads them. Every text goes through the guard's
@@ -25,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(REPO))
 
-HELDOUT = REPO / "tests" / "data" / "heldout"
+HELDOUT = REPO / "tests" / "data" / "heldout_v3"
 THRESHOLDS = (20, 40, 60)
 DEFAULT = 40  # moderate
 # slice: (what it is, harmful?, the bar at moderate: min share blocked for harmful, max for benign)
@@ -201,7 +200,7 @@ def main() -> None:
     SETS = args.sets.resolve()
     if args.table:
         body = table([json.loads(p.read_text()) for p in args.table])
-        if args.write_docs:  # one section per folder: heldout, heldout_v2
+        if args.write_docs:  # one section per folder, named after it (heldout_v3)
             _data_module().replace_section(REPO / "docs" / "embedded_guard.md", SETS.name, body)
         print(body)
         return

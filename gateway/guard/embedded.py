@@ -35,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 # The shipped files and the sha256 of their bytes, checked at load: a damaged or replaced file refuses
 # to start instead of scoring wrongly. Written by scripts/train_embedded_guard.py.
 MODEL_FILES = {
-    "encoder": ("embedded_encoder.onnx", "b2e4ca843f46b1b7309e167edda69733acef5c75be1b5c94f7ccf13464abe86b"),
-    "vocab": ("embedded_vocab.npz", "ec3486a89772d349d77cabe00935fe6a28bfb02f8cddc80db8b106ed8f594791"),
+    "encoder": ("embedded_encoder.onnx", "924388cf5b352a658e73210d92cef6547cd266a53cc4224c49266bdc34947f4b"),
+    "vocab": ("embedded_vocab.npz", "344547b4604a9d2d5cdd6312d01ddcf060279e58010e548d8af8c8f6aa620c43"),
     "tokenizer": ("embedded_tokenizer.json.xz", "f228f56caf2cde9e918901eb823418089897ddd185b52eec0a0a5d775d045e6d"),
-    "head": ("embedded_head.npz", "5587b84714df63eca32da00ddea46dcd7ef94ab3ea2877c203548c60e7e856d4"),
+    "head": ("embedded_head.npz", "40c91ee5f52361b30a97b09db5800aa6b1f68534445ead69b3fa0188121c3e53"),
 }
 ENCODER_ID = "multilingual-e5-small-l4-ft"
 
