@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 if not os.environ.get("PYTHONPATH"):
     sys.path.insert(0, str(REPO))
 
-HELDOUT = REPO / "tests" / "data" / "heldout_v3"
+HELDOUT = REPO / "tests" / "data" / "heldout_v4"
 THRESHOLDS = (20, 40, 60)
 DEFAULT = 40  # moderate
 # slice: (what it is, harmful?, the bar at moderate: min share blocked for harmful, max for benign)

@@ -16,9 +16,9 @@ as likely (see `verdict_from_probs`).
 from __future__ import annotations
 
 import asyncio
+import gzip
 import hashlib
 import io
-import lzma
 import os
 import time
 from collections.abc import Sequence
@@ -35,10 +35,10 @@ HERE = Path(__file__).resolve().parent
 # The shipped files and the sha256 of their bytes, checked at load: a damaged or replaced file refuses
 # to start instead of scoring wrongly. Written by scripts/train_embedded_guard.py.
 MODEL_FILES = {
-    "encoder": ("embedded_encoder.onnx", "924388cf5b352a658e73210d92cef6547cd266a53cc4224c49266bdc34947f4b"),
-    "vocab": ("embedded_vocab.npz", "344547b4604a9d2d5cdd6312d01ddcf060279e58010e548d8af8c8f6aa620c43"),
-    "tokenizer": ("embedded_tokenizer.json.xz", "f228f56caf2cde9e918901eb823418089897ddd185b52eec0a0a5d775d045e6d"),
-    "head": ("embedded_head.npz", "40c91ee5f52361b30a97b09db5800aa6b1f68534445ead69b3fa0188121c3e53"),
+    "encoder": ("embedded_encoder.onnx", "2cce918264a808331935605dc68fa67b6086548b9f754ced3477ef91655eb30d"),
+    "vocab": ("embedded_vocab.npz", "38c997f4a5a78855a987c8cbf840ba4ef1bfd5df68563e4f0f51276f7cd14f29"),
+    "tokenizer": ("embedded_tokenizer.json.gz", "46fd7470e51a69a6ee9f2a9273f2bd6e710d510ae08f7b81f89130163a50f6dd"),
+    "head": ("embedded_head.npz", "5554cd8a21d3dc75e62e63fa555e3385d56cc2f9fbf0532b2a7e3d512e3ea9d7"),
 }
 ENCODER_ID = "multilingual-e5-small-l4-ft"
 
@@ -160,7 +160,7 @@ class Model:
             raise RuntimeError(f"embedded guard needs onnxruntime and tokenizers ({e.name} is missing)") from None
         raw = {key: _read_checked(name, sha, folder) for key, (name, sha) in MODEL_FILES.items()}
         self.sha256 = hashlib.sha256(b"".join(hashlib.sha256(raw[k]).digest() for k in sorted(raw))).hexdigest()
-        self.tokenizer = Tokenizer.from_str(lzma.decompress(raw["tokenizer"]).decode("utf-8"))
+        self.tokenizer = Tokenizer.from_str(gzip.decompress(raw["tokenizer"]).decode("utf-8"))
         self.tokenizer.no_padding()
         self.tokenizer.no_truncation()
         with np.load(io.BytesIO(raw["vocab"]), allow_pickle=False) as z:
