@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -286,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"guardgate: configuration error:\n{e}", file=sys.stderr)
         return 2
+    except BrokenPipeError:  # `guardgate check ... | head`: the reader left; no traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
+        return 1
 
 
 if __name__ == "__main__":

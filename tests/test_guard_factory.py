@@ -57,3 +57,10 @@ def test_check_with_a_remote_guard(tmp_path, guard):
     guard.failure = "garbage"
     r = guardgate("check", "a pipe bomb", "--config", str(tmp_path / "g.yaml"))
     assert r.returncode == 3 and "could not score this (unparsable)" in r.stderr
+
+
+def test_check_piped_into_a_reader_that_leaves_prints_no_traceback():
+    # `guardgate check ... | head -1`: the pipe closes before the output is written.
+    r = subprocess.run(f"{sys.executable} -m gateway check ok | head -c 0", shell=True, capture_output=True,
+                       text=True, timeout=120)
+    assert "Traceback" not in r.stderr and "BrokenPipe" not in r.stderr, r.stderr
